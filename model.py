@@ -219,13 +219,14 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens, attention_mask=None, input_pos=None, last_only=False):
+    def forward(self, tokens, attention_mask=None, input_pos=None, last_only=False, hidden=False):
         """tokens (B, T) -> logits (B, T, vocab).
 
         attention_mask (B, S): 1 for real tokens, 0 for (left) padding, over every slot seen so far
         (S = T without a cache; with a cache, all slots up to at least the last of `input_pos`).
         input_pos (T,): cache slots of these tokens; None means no cache and slots 0..T-1.
         Each row's positions count only its real tokens, so left padding does not shift RoPE.
+        hidden: return the final-norm states (B, T, dim) instead, for a loss that applies lm_head in chunks.
         """
         B, T = tokens.shape
         dev = tokens.device
@@ -254,6 +255,8 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, input_pos if layer.self_attn.kv_cache is not None else None)
         x = self.model.norm(x)
+        if hidden:
+            return x
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
