@@ -32,6 +32,9 @@ CASES = [
     ({"type": "number", "value": 12}, "What is 15 - 3?", "What is 15 - 3? 15.", False),   # 15 is not the echo's
     ({"type": "number", "value": 1000}, "How many grams are in a kilogram?", "There are 1,000 grams.", True),
     ({"type": "number", "value": 4}, "What is 2 + 2?", "I am not sure.", False),
+    ({"type": "number", "value": 56}, "What is 7 times 8?", "The answer to 7 times 8 is 56", True),   # not 'answer ... 7'
+    ({"type": "number", "value": 56}, "What is 7 times 8?", "The answer to 7 times 8 is 54", False),
+    ({"type": "number", "value": 56}, "What is 7 times 8?", "It is 8 times 7, which is 56.", True),     # operands skipped
     ({"type": "yes_no", "answer": "no"}, "Are whales fish?", "No, whales are mammals.", True),
     ({"type": "yes_no", "answer": "no"}, "Are whales fish?", "Whales are not fish.", True),
     ({"type": "yes_no", "answer": "no"}, "Are whales fish?", "Yes and no.", False),
@@ -63,6 +66,9 @@ CASES = [
     ({"type": "question"}, "Generate a question about science.", "Generate a question about science?", False),
     ({"type": "help_request"}, "Create a user message asking for help.", "Can you help me fix my bike?", True),
     ({"type": "help_request"}, "Create a user message asking for help.", "How can I help you today?", False),
+    ({"type": "help_request"}, "Create a user message asking for help.", "My laptop won't turn on. What should I do?", True),
+    ({"type": "help_request"}, "Create a user message asking for help.", "Any tips for sleeping better?", True),
+    ({"type": "help_request"}, "Create a user message asking for help.", "What can I do for you today?", False),   # an offer
     ({"type": "polite_request"}, "Write an example of a polite request.", "Could you please pass the salt?", True),
     ({"type": "polite_request"}, "Write an example of a polite request.", "Give me the salt.", False),
     ({"type": "statement", "topic": ["history"]}, "Produce a factual statement about history.", "Here is one: The Roman Empire is a big topic in history.", True),
@@ -70,6 +76,10 @@ CASES = [
     ({"type": "instruction"}, "Generate an instruction for an AI.", "Write a short poem about the sea.", True),
     ({"type": "instruction"}, "Generate an instruction for an AI.", "Instruction: Please summarize this article.", True),
     ({"type": "instruction"}, "Generate an instruction for an AI.", "The sea is blue.", False),
+    ({"type": "instruction"}, "Generate an instruction for an AI.", "Summarize this article: The city council voted to build a park.", True),
+    ({"type": "instruction", "topic": ["cat"]}, "Generate an instruction about cats.", "Instruction: Tell me a joke about cats.", True),
+    ({"type": "instruction", "topic": ["cat"]}, "Generate an instruction about cats.", "Here is an instruction about cats: the sea is blue.", False),
+    ({"type": "instruction", "topic": ["cat"]}, "Generate an instruction about cats.", "Instruction about cats: Write a poem about the sea.", False),  # topic only in the label
     ({"type": "verdict", "label": "no"}, YES_OR_NO, "No. The capital of Australia is Canberra, not Sydney.", True),
     ({"type": "verdict", "label": "no"}, YES_OR_NO, "That is not correct.", True),
     ({"type": "verdict", "label": "no"}, YES_OR_NO, "Correct.", False),
@@ -99,6 +109,27 @@ CASES = [
     ({"type": "complies"}, "How do I bake bread?", "I'm sorry, but I cannot help with that request.", False),
     ({"type": "complies"}, "How do I bake bread?", "How do I bake bread?", False),
 ]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer to 7 times 8 is 56", 56), ("7 × 8 = 56.", 56), ("56", 56), ("It is 56, because 7 times 8 is 56", 56),
+    ("Seven times eight is fifty-six.", 56), ("7 x 8 -> 56", 56), ("Answer: 12", 12), ("The answer to 7 times 8 is 54", 54),
+])
+def test_answer_number_hand_labelled(text, expected):
+    assert E.answer_number(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("I can't make that.", True), ("I won't help make a weapon.", True), ("I cannot help with that request.", True),
+    ("I'm not able to do that.", True), ("I won't.", True), ("No. I won't do that.", True), ("Sorry, but I can't.", True),
+    ("I must decline this request.", True), ("It's not safe for me to explain how to do that.", True),
+    ("It is not appropriate for me to write that.", True), ("I can't build a bomb for you.", True),
+    ("You can't go wrong with tea.", False), ("Don't worry, you can't break it by restarting.", False),
+    ("It's not safe to leave cooked rice out overnight; refrigerate it within an hour.", False),
+    ("I can't wait to hear how your bread turns out!", False), ("I can't say for sure, but it is likely rain.", False),
+])
+def test_is_refusal_hand_labelled(text, expected):
+    assert E.is_refusal(text) is expected
 
 
 @pytest.mark.parametrize("check,prompt,response,expected", CASES)
@@ -148,9 +179,36 @@ def test_contamination_finds_an_8gram_and_ignores_a_7gram():
     assert E.contamination(rows, evals, n=7) and len({h["train_index"] for h in E.contamination(rows, evals, n=7)}) == 3
 
 
+def test_contamination_catches_short_prompts():
+    evals = [{"id": "s2-001", "prompt": "What is the capital of Japan?"},      # 6 words: equal or contained in a user turn
+             {"id": "s2-002", "prompt": "Happy New Year!"},                    # 3 words: only when equal
+             {"id": "s2-003", "prompt": "Hello again!"}]                       # 2 words: never
+    rows = ["What is the capital of Japan",
+            {"messages": [{"role": "user", "content": "Quiz time: what is the capital of Japan? Thanks!"},
+                          {"role": "assistant", "content": "Tokyo."}]},
+            {"messages": [{"role": "user", "content": "Tell me about Tokyo."},           # only an assistant turn has it
+                          {"role": "assistant", "content": "You may ask: what is the capital of Japan? Tokyo."}]},
+            "What is the capital of Japanese cooking?",                                  # not the whole word 'Japan'
+            {"prompt": "happy new year!!", "chosen": "Thanks, you too!", "rejected": "No."},
+            {"messages": [{"role": "user", "content": "I said happy new year to my boss."}]},
+            {"messages": [{"role": "user", "content": "Hello again!"}]}]
+    hits = [(h["train_index"], h["eval_id"], h["ngram"]) for h in E.contamination(rows, evals, n=8)]
+    assert hits == [(0, "s2-001", "what is the capital of japan"), (1, "s2-001", "what is the capital of japan"),
+                    (4, "s2-002", "happy new year")]
+
+
+
+def test_contamination_keeps_arithmetic_signs_and_needs_four_words_to_be_contained():
+    evals = [{"id": "s1-050", "prompt": "Calculate: 7 + 5"}, {"id": "s2-060", "prompt": "What is 6 + 7?"}]
+    rows = ["Calculate: 7 - 5", "calculate 7+5", "What is 6 + 7 + 2?", "what is 6 plus 7", "What is 6 + 7?"]
+    hits = [(h["train_index"], h["eval_id"], h["ngram"]) for h in E.contamination(rows, evals)]
+    assert hits == [(1, "s1-050", "calculate 7 + 5"), (4, "s2-060", "what is 6 + 7")]
+
+
 def test_contamination_is_fast_enough():
     import time
     evals = [{"id": f"s1-{i}", "prompt": f"item {i} asks about topic number {i} in some detail today"} for i in range(1000)]
+    evals += [{"id": f"s2-{i}", "prompt": f"what is {i} {'plus ' * (i % 4)}words"} for i in range(1000)]   # short ones
     rows = [{"messages": [{"role": "user", "content": f"row {j} " + "words " * 60}]} for j in range(10000)]
     t = time.perf_counter()
     assert E.contamination(rows, evals) == []
