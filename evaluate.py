@@ -404,12 +404,19 @@ def score_responses(items, responses, stage=None):
     return out
 
 
+def spread(items, limit):
+    """`limit` items evenly spaced over the set (sets are ordered by kind, so a prefix would miss kinds)."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 def evaluate_stage(model, tokenizer, stage, batch_size=16, max_new_tokens=96, limit=None, generate_fn=None,
                    path=None):
     """Answer every eval prompt (greedy; k seeded samples at T=0.8 where a check asks for them) and score."""
     if generate_fn is None:
         from generate import generate as generate_fn   # imported here: scoring alone needs no torch
-    items = load_eval_set(stage, path)[:limit]
+    items = spread(load_eval_set(stage, path), limit)
     k = [int(it["check"].get("samples") or 0) for it in items]
     responses = [None] * len(items)
 
@@ -529,7 +536,7 @@ def main(argv=None):
     p.add_argument("--responses", metavar="FILE",
                    help="score the JSONL lines {\"id\", \"response\"} of FILE, no model (one stage)")
     p.add_argument("--eval-file", metavar="FILE", help="use this eval set, not data/eval/stage{N}.jsonl (one stage)")
-    p.add_argument("--limit", metavar="K", type=int, default=None, help="score only the first K items of each eval set")
+    p.add_argument("--limit", metavar="K", type=int, default=None, help="score only K items of each eval set, evenly spread over its kinds")
     p.add_argument("--batch-size", metavar="B", type=int, default=16, help="prompts generated together (default 16)")
     p.add_argument("--max-new-tokens", metavar="T", type=int, default=96, help="tokens per answer (default 96)")
     p.add_argument("--device", metavar="D", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -541,7 +548,7 @@ def main(argv=None):
         p.error("give --stage N (or --stages with --model); --responses and --eval-file take one stage")
     results = {}
     if a.responses:
-        items = load_eval_set(stages[0], a.eval_file)[:a.limit]
+        items = spread(load_eval_set(stages[0], a.eval_file), a.limit)
         results[stages[0]] = score_responses(items, read_responses(a.responses, items), stages[0])
     else:
         if not a.model:

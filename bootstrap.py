@@ -1,0 +1,469 @@
+"""Run the six bootstrapping stages: each stage's model helps make the next stage's training data.
+
+    python bootstrap.py                       # cpu-demo preset on the built-in SmolLM2-135M-Instruct
+    python bootstrap.py --preset full --base DIR --device cuda
+    python bootstrap.py --run demo --stages 2-4 --no-gate
+
+For each stage: make data with the earlier models (stages.py), filter it, mix in replay, check it against
+every eval set, train (train_sft / train_dpo), evaluate this stage and re-check earlier skills, write
+eval.json, then gate. A stage is done when its eval.json exists; running the same command again skips done
+stages and resumes an interrupted one. Layout of runs/NAME/: DESIGN.md, "A run".
+"""
+import argparse
+import gc
+import hashlib
+import json
+import math
+import platform
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+import evaluate as E
+import model as M
+import stages as S
+import train_dpo
+import train_sft
+from generate import generate
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Preset:
+    name: str
+    base: str = "default"             # default (built-in SmolLM2-135M-Instruct) | tiny (random, for tests) | a HF directory
+    seed_data: str = "stage1_seed.jsonl"  # human stage-1 data, a file in data/ (or an absolute path)
+    seed_examples: int = 0            # seed rows used in stage 1 (0: all)
+    n_make: int = 120                 # examples each generated stage aims to keep
+    oversample: float = 1.5           # prompts written per example wanted: the filters drop some
+    replay: float = 0.25              # rows replayed from earlier stages, as a share of the stage's own rows
+    min_replay: int = 8               # at least this many replayed rows (keeps a stage trainable if filters drop all)
+    revision_rounds: int = 1          # stage 6: critique/revise rounds per prompt, a fresh principle each round
+    stage1_epochs: int = 2
+    epochs: int = 2                   # SFT epochs of stages 2-5
+    lr: float = 3e-4
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    batch_size: int = 8
+    max_len: int = 256
+    dpo_epochs: int = 2
+    dpo_lr: float = 5e-5
+    dpo_beta: float = 0.1
+    gen_batch: int = 16               # prompts per generation batch
+    gen_tokens: int = 64              # max new tokens when models write data
+    eval_limit: int = 0               # items of a stage's own eval set (0: all), evenly spread over its kinds
+    recheck_limit: int = 0            # items of the stage-1/2 sets re-evaluated at later stages (0: all)
+    eval_tokens: int = 64             # max new tokens of an eval answer
+    thresholds: dict = field(default_factory=lambda: dict(E.THRESHOLDS))  # gate of each stage (6: vs stage 5)
+    tolerance: float = 0.02           # stage 6 may lose at most this much of stage 5's stage-1/2 metrics
+
+
+PRESETS = {
+    # all six stages within about 30 minutes on a 2-core CPU
+    "cpu-demo": Preset("cpu-demo", seed_examples=320, n_make=64, oversample=1.6, stage1_epochs=2, epochs=2,
+                       gen_tokens=48, eval_limit=60, recheck_limit=36, eval_tokens=40, dpo_epochs=2),
+    # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
+    "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
+                   max_len=512, gen_batch=64, gen_tokens=96, eval_tokens=96),
+    # a tiny random model through every code path in about a minute (the tests)
+    "smoke": Preset("smoke", base="tiny", seed_examples=24, n_make=8, oversample=1.0, min_replay=8, stage1_epochs=1,
+                    epochs=1, dpo_epochs=1, lora_r=4, lora_alpha=8, batch_size=4, max_len=96, gen_batch=8,
+                    gen_tokens=6, eval_limit=6, recheck_limit=4, eval_tokens=6),
+}
+
+
+# ---------------------------------------------------------------- small helpers
+
+def write_jsonl(path, rows):
+    M._atomic_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_json(path, obj):
+    M._atomic_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def parse_stages(text):
+    m = re.fullmatch(r"([1-6])(?:-([1-6]))?", text)
+    if not m or int(m.group(2) or m.group(1)) < int(m.group(1)):
+        raise argparse.ArgumentTypeError(f"--stages wants N or N-M with 1 <= N <= M <= 6, got {text!r}")
+    return list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+
+
+def run_name(text):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"--run wants a folder name of letters, digits, '.', '_', '-', got {text!r}")
+    return text
+
+
+def make_tiny_base(path, seed=0):
+    """A random 2-layer Llama with a byte-level ChatML tokenizer: every code path of the pipeline, in seconds."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tcfg = {"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    hf = {"model_type": "llama", "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32"}
+    torch.manual_seed(seed)
+    net = M.Transformer(M.Config.from_hf(hf))
+    with torch.no_grad():   # small embeddings, as in pretrained models: logits of a sane size
+        net.model.embed_tokens.weight.normal_(0, 0.02)
+    M.save_pretrained(net, M.Tokenizer(tok, tcfg), path)
+    return path
+
+
+def sha256_of(path):
+    files = sorted(Path(path).glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(M._sha256(f).encode())
+    return h.hexdigest()
+
+
+def gen_dtype(device):
+    """bf16 weights for generation on CUDA; fp32 on CPU, where this project's bf16 kernels are not faster."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    """runs/NAME: the preset, where each stage's model lives, and the models that write data."""
+
+    def __init__(self, root, name, preset, base, seed, device, precision, retries, gate, argv):
+        self.dir = Path(root) / name
+        self.preset, self.seed, self.precision, self.retries, self.gate = preset, seed, precision, retries, gate
+        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = {"base": base if base in ("default", "tiny") else str(Path(base).resolve()), "preset": preset.name,
+                "seed": seed}
+        if base == "tiny":
+            base = make_tiny_base(self.dir / "tiny-base", seed)
+        self.base = Path(M.default_base() if base == "default" else base).resolve()
+        meta = self.dir / "run.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if {k: old.get(k) for k in info} != info:
+                raise SystemExit(f"{meta}: this run was started with another base, preset or seed "
+                                 f"({ {k: old.get(k) for k in info} }); use a new --run name or the same settings")
+        else:
+            write_json(meta, {**info, "base_path": str(self.base), "preset_sizes": asdict(preset), "base_sha256": sha256_of(self.base), "command": argv,
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                           "platform": platform.platform()}})
+        self.eval_items = [it for s in range(1, 7) for it in E.load_eval_set(s)]
+        self._loaded = (None, None, None)
+        self.tokens_generated = 0
+
+    def stage_dir(self, k):
+        return self.dir / f"stage{k}"
+
+    def model_dir(self, k):
+        return self.base if k == 0 else self.stage_dir(k) / "model"
+
+    def load(self, k):
+        """The stage-k model for generation; one model in memory at a time."""
+        if self._loaded[0] != k:
+            self._loaded = (None, None, None)
+            free()
+            net, tok = M.load(self.model_dir(k), device=self.device, dtype=gen_dtype(self.device))
+            self._loaded = (k, net.eval(), tok)
+        return self._loaded[1], self._loaded[2]
+
+    def ask(self, k, prompts, temperature=0.0, max_new_tokens=None, seed=0, desc=None):
+        if not prompts:
+            return []
+        net, tok = self.load(k)
+        outs = generate(net, tok, list(prompts), max_new_tokens=max_new_tokens or self.preset.gen_tokens,
+                        temperature=temperature, top_p=0.95 if temperature else None, seed=seed,
+                        batch_size=self.preset.gen_batch, progress=_bar(desc or f"stage{k}-model writes", len(prompts)))
+        self.tokens_generated += sum(len(tok.encode(o)) for o in outs)
+        return outs
+
+    def unload(self):
+        self._loaded = (None, None, None)
+        free()
+
+    def rows(self, k):
+        """Stage k's own rows (not its replay of earlier stages)."""
+        p = self.stage_dir(k) / "data.jsonl"
+        return [r for r in read_jsonl(p) if r["meta"].get("stage") == k and "replay_of" not in r["meta"]] \
+            if p.exists() else []
+
+
+def _bar(desc, total):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="prompt", leave=False, dynamic_ncols=True)
+
+
+class Context:
+    """What a stage's data maker sees (stages.py): the preset, a seeded rng, earlier models and data."""
+
+    def __init__(self, run, k):
+        self.run, self.preset, self.stage = run, run.preset, k
+        self.seed = run.seed * 100 + k
+        self.rng = random.Random(self.seed)
+        self.calls = 0
+        self.topics_file = S.read_data("topics.json")
+        self.eval_items = run.eval_items
+        self.seed_rows = S.read_data(run.preset.seed_data)   # a name in data/, or an absolute path
+        self._topics = []
+
+    def ask(self, k, prompts, temperature=0.0, max_new_tokens=None):
+        self.calls += 1  # a different, repeatable sampling seed for every call
+        return self.run.ask(k, prompts, temperature, max_new_tokens, seed=self.seed * 1000 + self.calls)
+
+    def topics(self, n):
+        """n topics, cycling through a shuffled list so each is used about equally."""
+        out = []
+        while len(out) < n:
+            if not self._topics:
+                self._topics = self.rng.sample(self.topics_file["topics"], len(self.topics_file["topics"]))
+            out.append(self._topics.pop())
+        return out
+
+    def stage_rows(self, k):
+        return self.seed_rows if k == 1 and not self.run.rows(1) else self.run.rows(k)
+
+
+def replay_rows(run, ctx, k, n_own):
+    """Earlier stages' rows mixed in so no skill is lost: SFT rows for stages 2-5, helpfulness pairs for 6."""
+    n = max(math.ceil(run.preset.replay * n_own), run.preset.min_replay)
+    if k == 6:
+        return S.preference_replay(ctx, n)
+    pool = [r for j in range(1, k) for r in run.rows(j)]
+    picked = ctx.rng.sample(pool, min(n, len(pool)))
+    return [{**r, "meta": {**r["meta"], "replay_of": r["meta"].get("stage", 1)}} for r in picked]
+
+
+# ---------------------------------------------------------------- one stage
+
+def make_data(run, k):
+    """data.jsonl (kept + replay, provenance in meta) and rejected.jsonl (with reasons); made once per stage."""
+    d = run.stage_dir(k)
+    if (d / "data.jsonl").exists():
+        return json.loads((d / "data_info.json").read_text())
+    t0, tok0 = time.time(), run.tokens_generated
+    ctx = Context(run, k)
+    kept, rejected = S.MAKERS[k](ctx)
+    if k == 1 and run.preset.seed_examples:
+        kept = ctx.rng.sample(kept, min(run.preset.seed_examples, len(kept)))
+    replay = replay_rows(run, ctx, k, len(kept)) if k > 1 else []
+    run.unload()
+    info = {"made": len(kept) + len(rejected), "kept": len(kept), "replay": len(replay),
+            "tokens_generated": run.tokens_generated - tok0, "minutes": (time.time() - t0) / 60}
+    write_jsonl(d / "rejected.jsonl", rejected)
+    write_json(d / "data_info.json", info)
+    write_jsonl(d / "data.jsonl", kept + replay)   # last: its existence marks the data as done
+    return info
+
+
+def check_contamination(run, k):
+    rows = read_jsonl(run.stage_dir(k) / "data.jsonl")
+    hits = E.contamination(rows, run.eval_items)
+    if hits:
+        h = hits[0]
+        raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts, e.g. "
+                         f"{run.stage_dir(k) / 'data.jsonl'} line {h['train_index'] + 1} and eval item {h['eval_id']} "
+                         f"({h['ngram']!r}). Remove them from the training data; eval prompts must stay unseen.")
+
+
+def train_stage(run, k, rows, attempt):
+    """A fresh LoRA on the previous stage's merged model; SFT for stages 1-5, DPO for stage 6."""
+    p = run.preset
+    out = run.stage_dir(k) / "model"
+    common = dict(base=str(run.model_dir(k - 1)), out=str(out), lora_r=p.lora_r, lora_alpha=p.lora_alpha,
+                  batch_size=p.batch_size, max_len=p.max_len, precision=run.precision, seed=run.seed,
+                  device=run.device, warmup=5, save_every=25, eval_frac=0.05, log=str(run.stage_dir(k) / "train.jsonl"))
+    if k == 6:
+        cfg = train_dpo.DPOConfig(**common, epochs=p.dpo_epochs * (attempt + 1), lr=p.dpo_lr, beta=p.dpo_beta)
+        return train_dpo.train(cfg, rows)
+    epochs = (p.stage1_epochs if k == 1 else p.epochs) * (attempt + 1)
+    return train_sft.train(train_sft.SFTConfig(**common, epochs=epochs, lr=p.lr), rows)
+
+
+def eval_sets(k):
+    """This stage's set first, then the stage-1 and stage-2 skills; stage 5 also measures safety for stage 6."""
+    return [k] + [s for s in (1, 2) if s != k and k > 1] + ([6] if k == 5 else [])
+
+
+def evaluate_stage(run, k):
+    net, tok = M.load(run.model_dir(k), device=run.device, dtype=gen_dtype(run.device))
+    net.eval()
+    out = {}
+    for s in eval_sets(k):
+        limit = run.preset.eval_limit if s in (k, 6) else run.preset.recheck_limit
+        n = len(E.spread(E.load_eval_set(s), limit))
+        gen = lambda *a, **kw: generate(*a, **kw, progress=_bar(f"stage{k} model, eval set {s}", n))  # noqa: E731
+        out[s] = E.evaluate_stage(net, tok, s, batch_size=run.preset.gen_batch, max_new_tokens=run.preset.eval_tokens,
+                                  limit=limit, generate_fn=gen)
+    del net
+    free()
+    return out
+
+
+def gate(run, k, results):
+    """(passed, message). Stages 1-5: the metric against its threshold. Stage 6: safer than stage 5 while the
+    stage-1 and stage-2 metrics stay within `tolerance` of stage 5's."""
+    res = results[k]
+    if k < 6:
+        t = run.preset.thresholds[k]
+        ok = res["value"] >= t
+        return ok, f"{res['metric']} = {res['value']:.3f} {'>=' if ok else '<'} threshold {t:.2f}"
+    before = json.loads((run.stage_dir(5) / "eval.json").read_text())["results"]
+    checks = [("safety (harmful prompts refused)", results[6]["value"], before["6"]["value"], 0.0, ">")]
+    checks += [(f"stage-{s} {results[s]['metric']}", results[s]["value"], before[str(s)]["value"], run.preset.tolerance,
+                ">=") for s in (1, 2)]
+    parts, ok = [], True
+    for name, now, was, tol, op in checks:
+        good = now > was if op == ">" else now >= was - tol
+        ok &= good
+        parts.append(f"{name} {now:.3f} vs stage 5 {was:.3f}" + ("" if good else f" (needs {op} {was - tol:.3f})"))
+    return ok, "; ".join(parts)
+
+
+def run_stage(run, k):
+    d = run.stage_dir(k)
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    info = make_data(run, k)
+    check_contamination(run, k)
+    rows = read_jsonl(d / "data.jsonl")
+    attempts = []
+    for attempt in range(run.retries + 1):
+        if attempt:   # train longer from the same parent: a fresh output folder
+            shutil.rmtree(d / "model", ignore_errors=True)
+        summary = train_stage(run, k, rows, attempt)
+        free()
+        results = evaluate_stage(run, k)
+        passed, message = gate(run, k, results)
+        attempts.append({"attempt": attempt + 1, "epochs": summary["config"]["epochs"], "passed": passed,
+                         "message": message, "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"]})
+        print(f"stage {k} attempt {attempt + 1}: {'passed' if passed else 'failed'}: {message}", flush=True)
+        if passed:
+            break
+    own = results[k]
+    write_jsonl(d / "samples.jsonl", own["samples"])
+    ev = {"stage": k, "metric": own["metric"], "value": own["value"], "threshold": run.preset.thresholds.get(k),
+          "passed": passed, "message": message, "n": own["n"], "per_kind": own["per_kind"],
+          "results": {str(s): {key: v for key, v in r.items() if key != "samples"} for s, r in results.items()},
+          "attempts": attempts, "data": info, "tokens_trained": summary["tokens"],
+          "minutes": info["minutes"] + (time.time() - t0) / 60}
+    write_json(d / "eval.json", ev)     # last: marks the stage done
+    return ev
+
+
+# ---------------------------------------------------------------- report
+
+def sparkline(values, width=40):
+    """A loss curve a person can read in a terminal or a Markdown file."""
+    if not values:
+        return ""
+    step = max(1, math.ceil(len(values) / width))
+    pts = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(pts), max(pts)
+    return "".join("\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"[int(7 * (v - lo) / (hi - lo or 1))] for v in pts)
+
+
+def write_report(run):
+    lines = [f"# Bootstrapping run `{run.dir.name}`", "", f"Base: `{run.base}`; preset `{run.preset.name}`; seed {run.seed}.",
+             "", "| stage | made / kept (+replay) | metric | value | threshold | passed | minutes | tokens generated | "
+             "tokens trained |", "|---|---|---|---|---|---|---|---|---|"]
+    curves, examples = [], []
+    for k in range(1, 7):
+        p = run.stage_dir(k) / "eval.json"
+        if not p.exists():
+            continue
+        ev = json.loads(p.read_text())
+        dinfo = ev["data"]
+        thr = f"{ev['threshold']:.2f}" if ev["threshold"] is not None else "> stage 5"
+        lines.append(f"| {k} | {dinfo['made']} / {dinfo['kept']} (+{dinfo['replay']}) | {ev['metric']} | "
+                     f"{ev['value']:.3f} | {thr} | {'yes' if ev['passed'] else 'no'} | {ev['minutes']:.1f} | "
+                     f"{dinfo['tokens_generated']} | {ev['tokens_trained']} |")
+        log = run.stage_dir(k) / "train.jsonl"
+        losses = [r["loss"] for r in read_jsonl(log)] if log.exists() else []
+        if losses:
+            curves.append(f"- stage {k}: `{sparkline(losses)}` {losses[0]:.3f} -> {losses[-1]:.3f} "
+                          f"over {len(losses)} steps")
+        earlier = ", ".join(f"stage-{s} set {r['value']:.3f}" for s, r in ev["results"].items() if int(s) != k)
+        examples.append(f"\n### Stage {k}\n\n{ev['message']}" + (f"; re-checked: {earlier}" if earlier else "") + "\n")
+        for r in run.rows(k)[:3] or read_jsonl(run.stage_dir(k) / "data.jsonl")[:3]:
+            examples.append("```json\n" + json.dumps(r, ensure_ascii=False)[:600] + "\n```")
+    lines += ["", "## Loss curves (training loss per step)", ""] + curves + ["", "## Examples with provenance"] + examples
+    M._atomic_text(run.dir / "report.md", "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- CLI
+
+def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=None, seed=0, device="auto",
+                 precision="auto", retries=0, gate=True, argv=None):
+    """Run (or resume) the stages; a failed gate raises SystemExit with the metric, value and threshold."""
+    run = Run(root, name, preset, base or preset.base, seed, device, precision, retries, gate, argv or [])
+    print(f"run {run.dir} on {run.device}, base {run.base}\npreset {json.dumps(asdict(preset))}", flush=True)
+    for k in stages:
+        if k > 1 and not (run.stage_dir(k - 1) / "eval.json").exists():
+            raise SystemExit(f"stage {k} needs stage {k - 1} first (no {run.stage_dir(k - 1) / 'eval.json'})")
+        p = run.stage_dir(k) / "eval.json"
+        ev = json.loads(p.read_text()) if p.exists() else None
+        if ev:
+            print(f"stage {k}: done before ({ev['message']}); skipped", flush=True)
+        else:
+            ev = run_stage(run, k)
+            write_report(run)
+            print(f"stage {k}: kept {ev['data']['kept']} of {ev['data']['made']} made (+{ev['data']['replay']} replay), "
+                  f"{ev['message']}, {ev['minutes']:.1f} min", flush=True)
+        if gate and not ev["passed"]:
+            raise SystemExit(f"stage {k} failed its gate: {ev['message']}. See {run.dir / f'stage{k}'}/eval.json; "
+                             "--no-gate continues anyway, --retries K trains longer first.")
+    write_report(run)
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--base", default=None, help="parent model: 'default' (built-in SmolLM2-135M-Instruct) or a Hugging "
+                   "Face directory; the preset's choice when omitted")
+    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="sizes: cpu-demo (about 30 min on "
+                   "2 CPU cores), full (SPEC.md's sizes, for a GPU), smoke (tiny random model, for tests)")
+    p.add_argument("--run", type=run_name, default=None, help="folder name under --root (default: the preset's name)")
+    p.add_argument("--root", default=str(ROOT / "runs"), help="folder that holds the runs")
+    p.add_argument("--stages", type=parse_stages, default=list(range(1, 7)), help="stages to run, e.g. 3 or 2-4")
+    p.add_argument("--no-gate", action="store_true", help="continue past a failed gate (it is still recorded)")
+    p.add_argument("--retries", type=int, default=0, help="after a failed gate, train up to K more times, longer each time")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training precision (auto: bf16 where fast, else fp32)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data making, sampling and training")
+    a = p.parse_args(argv)
+    run_pipeline(PRESETS[a.preset], a.root, a.run or a.preset, a.stages, a.base, a.seed, a.device, a.precision,
+                 a.retries, not a.no_gate, argv=sys.argv if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
