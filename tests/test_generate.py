@@ -1,0 +1,311 @@
+"""generate.py: cached greedy against a cache-free loop and transformers, batching against single
+prompts, the sampling math against hand computation, stop handling on scripted models, and the CLI."""
+import io
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generate as G  # noqa: E402
+import model as M  # noqa: E402
+from test_model import make_hf, transformers  # noqa: E402,F401  (transformers: skips this file without it)
+
+PROMPTS = ["What is the capital of France?", "Name three colours.",
+           [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is ice cold?"}]]
+
+
+def greedy_no_cache(net, ids, n, stop_ids):
+    """The obvious reference: recompute the whole sequence for every new token."""
+    x, out = torch.tensor([ids]), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(net(x)[0, -1].argmax())
+            if nxt in stop_ids:
+                break
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return out
+
+
+def chat_ids(tok, prompts):
+    return [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """2 layers, dim 64, byte vocabulary; weights wide enough that greedy text varies from token to token."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf(path, "llama3_rope")  # untied: with tied embeddings a random model mostly repeats its last token
+    net, tok = M.load(path)
+    torch.manual_seed(0)
+    with torch.no_grad():  # transformers' init (std 0.02) gives near-uniform logits
+        for n, p in net.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.5 / p.shape[1] ** 0.5 if "embed" not in n else 1.0)
+    M.save_pretrained(net, tok, path)
+    return path, net, tok
+
+
+@pytest.fixture(scope="module")
+def default():
+    net, tok = M.load(M.default_base())
+    return net, tok
+
+
+# ----------------------------------------------------------------------------- cache, batching, transformers
+
+def test_tiny_greedy_with_cache_equals_greedy_without(tiny):
+    _, net, tok = tiny
+    for ids in chat_ids(tok, PROMPTS):
+        out = G.generate_batch(net, tok, [ids], max_new_tokens=24)[0][0]
+        assert out == greedy_no_cache(net, ids, 24, tok.stop_ids)
+        assert len(set(out)) > 5  # a varied continuation, not one token repeated
+    assert all(layer.self_attn.kv_cache is None for layer in net.model.layers)  # cleared afterwards
+
+
+def test_tiny_batch_of_mixed_lengths_equals_each_prompt_alone(tiny):
+    _, net, tok = tiny
+    ids = chat_ids(tok, PROMPTS + ["x"])
+    assert len({len(i) for i in ids}) == len(ids)  # every row padded differently
+    batched, _ = G.generate_batch(net, tok, ids, max_new_tokens=20)
+    assert batched == [G.generate_batch(net, tok, [i], max_new_tokens=20)[0][0] for i in ids]
+    # and through the public function, whose length sort must restore the order
+    texts = G.generate(net, tok, PROMPTS + ["x"], max_new_tokens=20, batch_size=3)
+    assert texts == [tok.decode(o) for o in batched]
+
+
+def test_default_greedy_with_cache_equals_greedy_without(default):
+    net, tok = default
+    ids = chat_ids(tok, PROMPTS)
+    for i in ids:
+        assert G.generate_batch(net, tok, [i], max_new_tokens=12)[0][0] == greedy_no_cache(net, i, 12, tok.stop_ids)
+
+
+def test_default_batch_equals_each_prompt_alone(default):
+    net, tok = default
+    ids = chat_ids(tok, PROMPTS)
+    batched, _ = G.generate_batch(net, tok, ids, max_new_tokens=16)
+    assert batched == [G.generate_batch(net, tok, [i], max_new_tokens=16)[0][0] for i in ids]
+
+
+def test_default_greedy_equals_transformers(default):
+    net, tok = default
+    prompts = ["What is the capital of France?", "Write a haiku about rain.", "How many legs does a spider have?",
+               "Give me a tip for sleeping well.", "Translate 'good morning' into Spanish."]
+    ids = chat_ids(tok, prompts)
+    ours, texts = G.generate_batch(net, tok, ids, max_new_tokens=24)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(M.default_base(), dtype=torch.float32).eval()
+    for i, o in zip(ids, ours):
+        with torch.no_grad():
+            seq = hf.generate(torch.tensor([i]), do_sample=False, max_new_tokens=24, eos_token_id=tok.stop_ids,
+                              pad_token_id=tok.pad_id)[0, len(i):].tolist()
+        assert o == [t for t in seq if t not in tok.stop_ids]
+    assert "Paris" in texts[0]
+
+
+# ----------------------------------------------------------------------------- sampling math by hand
+
+PROBS = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+
+
+def kept(logits):
+    return set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
+
+
+def test_top_p_keeps_tokens_whose_mass_above_is_below_p():
+    logits = PROBS.log()
+    # mass above each token: 0, 0.5, 0.5+0.2=0.7, 0.85, 0.95
+    assert kept(G.top_p_filter(logits, 0.75)) == {0, 1, 2}  # 0.7 < 0.75 keeps the third
+    assert kept(G.top_p_filter(logits, 0.6)) == {0, 1}      # 0.7 >= 0.6 drops it
+    assert kept(G.top_p_filter(logits, 0.3)) == {0}         # 0.5 >= 0.3: the top token alone
+    assert kept(G.top_p_filter(logits, 0.0)) == {0}         # never empty
+    assert kept(G.top_p_filter(logits, 1.0)) == {0, 1, 2, 3, 4}
+    perm = torch.tensor([3, 0, 4, 2, 1])                    # same distribution, shuffled vocabulary
+    assert kept(G.top_p_filter(logits[:, perm], 0.75)) == {1, 4, 3}
+    # survivors keep their logits: renormalised they are 0.5/0.85, 0.2/0.85, 0.15/0.85
+    p = G.top_p_filter(logits, 0.75).softmax(-1)[0]
+    assert torch.allclose(p[:3], torch.tensor([0.5, 0.2, 0.15]) / 0.85)
+
+
+def test_top_k_and_temperature():
+    logits = PROBS.log()
+    assert kept(G.top_k_filter(logits, 2)) == {0, 1}
+    assert kept(G.top_k_filter(logits, None)) == {0, 1, 2, 3, 4}
+    assert torch.equal(G.apply_temperature(torch.tensor([[2.0, -1.0]]), 0.5), torch.tensor([[4.0, -2.0]]))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    # seen: 2.0 / 2 = 1.0, -1.0 * 2 = -2.0; unseen unchanged
+    assert torch.equal(G.apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, -3.0]]))
+    assert torch.equal(G.apply_repetition_penalty(logits, seen, None), logits)
+
+
+def test_sample_next_is_greedy_at_temperature_zero_and_respects_filters():
+    logits = PROBS.log().repeat(200, 1)
+    assert G.sample_next(logits, 0.0).eq(0).all()
+    g = torch.Generator().manual_seed(0)
+    draws = G.sample_next(logits, 1.0, top_p=0.6, generator=g)
+    assert set(draws.tolist()) == {0, 1}  # only the nucleus is ever drawn, and both of it
+
+
+# ----------------------------------------------------------------------------- scripted models
+
+class Scripted(torch.nn.Module):
+    """A stand-in decoder whose next-token logits are a function of the last token fed in."""
+
+    def __init__(self, logits_after, vocab=259):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, vocab, bias=False)  # generate reads the device from it
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.model = SimpleNamespace(layers=[])
+        self.logits_after, self.batch_sizes, self.cache = logits_after, [], None
+
+    def setup_cache(self, batch, max_len, dtype=None):
+        self.cache = (batch, max_len)
+
+    def clear_cache(self):
+        self.cache = None
+
+    def forward(self, tokens, attention_mask=None, input_pos=None, last_only=False):
+        self.batch_sizes.append(tokens.shape[0])
+        return torch.stack([self.logits_after(t) for t in tokens[:, -1].tolist()])[:, None]
+
+
+def one_hot(i, vocab=259):
+    x = torch.zeros(vocab)
+    x[i] = 10.0
+    return x
+
+
+def test_repetition_penalty_in_generation_counts_prompt_and_generated_tokens(tiny):
+    _, _, tok = tiny
+    base = torch.zeros(259)
+    base[5], base[6] = 3.0, 2.0
+    net = Scripted(lambda _: base.clone())
+    assert G.generate_batch(net, tok, [[9]], 3)[0][0] == [5, 5, 5]
+    # 5 is in the prompt: 3/10 < 2 gives 6; then 6 is seen too: 0.3 > 0.2 > 0 gives 5, and 5 again
+    assert G.generate_batch(net, tok, [[5, 9]], 3, repetition_penalty=10.0)[0][0] == [6, 5, 5]
+
+
+def test_stop_string_is_cut_and_never_streamed(tiny):
+    _, _, tok = tiny
+    nl, b = tok.encode("\n")[0], tok.encode("b")[0]
+    net = Scripted(lambda t: one_hot(b if t == nl else t + 1))  # after the chat header: b, c, d, e, ...
+    assert G.generate(net, tok, ["hi"], max_new_tokens=8) == ["bcdefghi"]
+    pieces = []
+    out = G.generate(net, tok, ["hi"], max_new_tokens=20, stop=["efg", "xyz"],
+                     callback=lambda i, p: pieces.append((i, p)))
+    assert out == ["bcd"]
+    assert pieces == [(0, "b"), (0, "c"), (0, "d")]  # "e" and "ef" were held back: they might start "efg"
+    assert net.cache is None
+
+
+def test_stop_string_on_a_real_model(tiny):
+    _, net, tok = tiny
+    full = G.generate(net, tok, ["Name three colours."], max_new_tokens=24)[0]
+    clean = [k for k in range(4, len(full) - 3) if "\ufffd" not in full[k:k + 3]]
+    stop = full[clean[0]:clean[0] + 3]
+    streamed = []
+    out = G.generate(net, tok, ["Name three colours."], max_new_tokens=24, stop=stop,
+                     callback=lambda i, p: streamed.append(p))[0]
+    assert out == full[:full.find(stop)] and stop not in out
+    assert "".join(streamed) == out
+
+
+def test_finished_rows_leave_the_batch_and_each_row_stops_on_its_own(tiny):
+    _, _, tok = tiny
+    stop = tok.stop_ids[0]
+    net = Scripted(lambda t: one_hot(stop if t == 50 else (t + 1) % 259))  # a row reaching token 50 ends
+    out, _ = G.generate_batch(net, tok, [[48], [10], [47], [11]], max_new_tokens=8)
+    assert out == [[49, 50], list(range(11, 19)), [48, 49, 50], list(range(12, 20))]
+    # 8 tokens: prefill + 7 steps. Row 0 ends at the 3rd token, row 2 at the 4th; from then on only
+    # the 2 running rows are computed
+    assert net.batch_sizes == [4, 4, 4, 4, 2, 2, 2, 2]
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(tiny):
+    _, net, tok = tiny
+    run = lambda seed: G.generate(net, tok, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=50,  # noqa: E731
+                                  top_p=0.95, seed=seed)
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_bf16_under_no_grad_and_training_works_afterwards(tiny):
+    path, _, tok = tiny
+    net, _ = M.load(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = G.generate(net, tok, PROMPTS, max_new_tokens=6)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    net32, _ = M.load(path)
+    G.generate(net32, tok, PROMPTS[:1], max_new_tokens=4)
+    net32.train()
+    x = torch.randint(0, 259, (2, 8))  # a training step after generation: no cache, no inference tensors
+    net32(x).logsumexp(-1).mean().backward()
+    assert net32.lm_head.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_jsonl_round_trip_in_order(tiny, tmp_path):
+    path, net, tok = tiny
+    lines = [{"prompt": "Name three colours.", "id": 1}, {"messages": [{"role": "user", "content": "hi"}]},
+             {"prompt": "What is the capital of France? Answer at length."}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    G.main(["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "6", "--batch-size", "2"])
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    want = G.generate(net, tok, [x.get("prompt") or x.get("messages") for x in lines], max_new_tokens=6)
+    assert rows == [{**x, "response": r} for x, r in zip(lines, want)]
+
+
+def test_cli_bad_line_names_file_and_line_and_generates_nothing(tiny, tmp_path):
+    path, _, _ = tiny
+    good = json.dumps({"prompt": "hi"})
+    for bad, why in [("{not json", "Expecting"), (json.dumps({"text": "hi"}), "prompt"),
+                     (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "robot")]:
+        f = tmp_path / "in.jsonl"
+        f.write_text(f"{good}\n{good}\n{bad}\n")
+        with pytest.raises(SystemExit, match=rf"in.jsonl:3: .*{why}"):
+            G.main(["--model", str(path), "--input", str(f), "--output", str(tmp_path / "out.jsonl")])
+        assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_stdin_stdout_prompt_and_chat(tiny, monkeypatch, capsys):
+    path, net, tok = tiny
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"prompt": "hi"}) + "\n"))
+    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system", "Be brief."])
+    want = G.generate(net, tok, [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]],
+                      max_new_tokens=5)[0]
+    assert json.loads(capsys.readouterr().out) == {"prompt": "hi", "response": want}
+
+    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief."])
+    assert capsys.readouterr().out == want + "\n"
+
+    seen = []
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda m, t, p, **kw: seen.append(json.loads(json.dumps(p))) or real(m, t, p, **kw))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n"))  # EOF after two turns
+    G.main(["--model", str(path), "--chat", "--max-new-tokens", "5"])
+    first = real(net, tok, ["hi"], max_new_tokens=5)[0]
+    assert seen[1][0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                          {"role": "user", "content": "more"}]  # history kept
+    assert first in capsys.readouterr().out                    # streamed to the terminal
+
+
+def test_cli_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--prompt", "--input", "--output", "--chat", "--system", "--temperature", "--top-k",
+                 "--top-p", "--repetition-penalty", "--seed", "--stop", "--max-new-tokens", "--batch-size",
+                 "--device", "--dtype"):
+        assert flag in text
