@@ -30,7 +30,7 @@ import model as M
 import stages as S
 import train_dpo
 import train_sft
-from generate import generate
+from generate import choice_logprobs, generate
 
 ROOT = Path(__file__).resolve().parent
 
@@ -45,6 +45,8 @@ class Preset:
     oversample: float = 1.5           # prompts written per example wanted: the filters drop some
     replay: float = 0.25              # rows replayed from earlier stages, as a share of the stage's own rows
     min_replay: int = 8               # at least this many replayed rows (keeps a stage trainable if filters drop all)
+    candidates: int = 2               # stage 3: samples per generation task; the first that passes its check is kept
+    judge_kinds: int = 3              # stage 4: judging tasks (of 4 kinds) made from each question and answer
     revision_rounds: int = 1          # stage 6: critique/revise rounds per prompt, a fresh principle each round
     stage1_epochs: int = 2
     epochs: int = 2                   # SFT epochs of stages 2-5
@@ -67,8 +69,8 @@ class Preset:
 
 PRESETS = {
     # all six stages within about 30 minutes on a 2-core CPU
-    "cpu-demo": Preset("cpu-demo", seed_examples=320, n_make=64, oversample=1.6, stage1_epochs=2, epochs=2,
-                       gen_tokens=48, eval_limit=60, recheck_limit=36, eval_tokens=40, dpo_epochs=2),
+    "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=48, oversample=1.5, stage1_epochs=1, epochs=2,
+                       gen_tokens=40, eval_limit=48, recheck_limit=30, eval_tokens=40, dpo_epochs=2),
     # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
                    max_len=512, gen_batch=64, gen_tokens=96, eval_tokens=96),
@@ -205,6 +207,13 @@ class Run:
         self.tokens_generated += sum(len(tok.encode(o)) for o in outs)
         return outs
 
+    def choose(self, k, prompts, options):
+        """Log-probabilities of each option as the stage-k model's first answer token, per prompt."""
+        if not prompts:
+            return []
+        net, tok = self.load(k)
+        return choice_logprobs(net, tok, list(prompts), options, batch_size=self.preset.gen_batch)
+
     def unload(self):
         self._loaded = (None, None, None)
         free()
@@ -237,6 +246,15 @@ class Context:
     def ask(self, k, prompts, temperature=0.0, max_new_tokens=None):
         self.calls += 1  # a different, repeatable sampling seed for every call
         return self.run.ask(k, prompts, temperature, max_new_tokens, seed=self.seed * 1000 + self.calls)
+
+    def prefer(self, k, q_and_pairs):
+        """The stage-k judge's preference for the first text of each (question, text, other) over the other, asked
+        "Which is better, A or B?" in both orders; averaging the two log-odds cancels position bias. > 0: prefers it."""
+        ask = [S.judge_prompt("pairwise", q, a, self.rng, other=b) for q, a, b in q_and_pairs]
+        ask += [S.judge_prompt("pairwise", q, b, self.rng, other=a) for q, a, b in q_and_pairs]
+        lp = self.run.choose(k, ask, ["A", "B"])
+        n = len(q_and_pairs)
+        return [((lp[i][0] - lp[i][1]) + (lp[n + i][1] - lp[n + i][0])) / 2 for i in range(n)]
 
     def topics(self, n):
         """n topics, cycling through a shuffled list so each is used about equally."""
@@ -412,7 +430,7 @@ def write_report(run):
                           f"over {len(losses)} steps")
         earlier = ", ".join(f"stage-{s} set {r['value']:.3f}" for s, r in ev["results"].items() if int(s) != k)
         examples.append(f"\n### Stage {k}\n\n{ev['message']}" + (f"; re-checked: {earlier}" if earlier else "") + "\n")
-        for r in run.rows(k)[:3] or read_jsonl(run.stage_dir(k) / "data.jsonl")[:3]:
+        for r in read_jsonl(run.stage_dir(k) / "data.jsonl")[:3]:   # the stage's own rows come before its replay
             examples.append("```json\n" + json.dumps(r, ensure_ascii=False)[:600] + "\n```")
     lines += ["", "## Loss curves (training loss per step)", ""] + curves + ["", "## Examples with provenance"] + examples
     M._atomic_text(run.dir / "report.md", "\n".join(lines) + "\n")

@@ -458,18 +458,30 @@ def _tokens(text):
                       text.lower().replace("'", "").replace("\u2019", ""))
 
 
-def contamination(train_rows, eval_items, n=8):
+def contamination(train_rows, eval_items, n=8, template=3):
     """Training rows that hold an eval prompt: [{train_index, eval_id, ngram}], one hit per (row, eval item).
     Each field of a row is read alone, as _tokens(). A prompt of n tokens or more is hit by any shared n-gram.
     A shorter one is hit by a text equal to it when it has 3 tokens or more ('Hello again!' is any chat's, not
     the eval's), and by a user turn or plain text holding it whole when it has 4 words or more, numbers and signs
-    not counted ('What is 6 + 7?' also opens 'What is 6 + 7 + 2?'); ngram is then the whole prompt."""
+    not counted ('What is 6 + 7?' also opens 'What is 6 + 7 + 2?'); ngram is then the whole prompt.
+    Words inside an n-gram that `template` or more eval prompts share are a set's instruction wording ('Rate this
+    response from 1 to 5, ...'), not an item's content: an n-gram counts only if half its words are content.
+    Training on a task's format is the point; training on an eval item's content is the leak."""
+    toks = [_tokens(it["prompt"]) for it in eval_items]
+    count = {}
+    for t in toks:
+        for g in {" ".join(t[i:i + n]) for i in range(len(t) - n + 1)}:
+            count[g] = count.get(g, 0) + 1
     grams, equal, inside, starts = {}, {}, {}, {}
-    for it in eval_items:
-        t = _tokens(it["prompt"])
+    for it, t in zip(eval_items, toks):
         if len(t) >= n:
+            shared = [False] * len(t)
             for i in range(len(t) - n + 1):
-                grams.setdefault(" ".join(t[i:i + n]), it["id"])
+                if count[" ".join(t[i:i + n])] >= template:
+                    shared[i:i + n] = [True] * n
+            for i in range(len(t) - n + 1):
+                if n - sum(shared[i:i + n]) >= n // 2:
+                    grams.setdefault(" ".join(t[i:i + n]), it["id"])
         elif len(t) >= 3:
             equal.setdefault(" ".join(t), it["id"])
             if sum(w.isalnum() and not w.isdigit() for w in t) >= 4:

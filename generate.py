@@ -195,6 +195,26 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     return results
 
 
+@torch.inference_mode()
+def choice_logprobs(model, tokenizer, prompts, options, batch_size=16):
+    """For each prompt, the log-probability of each option's first token as the first token of the answer:
+    a judge's verdict read from one forward pass, with no sampling (used to score A/B in both orders)."""
+    first = [tokenizer.encode(o)[0] for o in options]
+    ids = [tokenizer.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
+    dev = model.lm_head.weight.device
+    out = []
+    for b in range(0, len(ids), batch_size):
+        chunk = ids[b:b + batch_size]
+        P = max(len(x) for x in chunk)
+        tokens = torch.full((len(chunk), P), tokenizer.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros_like(tokens)
+        for i, x in enumerate(chunk):   # left padding, as in generation
+            tokens[i, P - len(x):], mask[i, P - len(x):] = torch.tensor(x, device=dev), 1
+        logp = model(tokens, attention_mask=mask, last_only=True)[:, -1].float().log_softmax(-1)
+        out += logp[:, first].tolist()
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def read_prompts(f, name, tokenizer, system=None):

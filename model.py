@@ -242,6 +242,8 @@ class Transformer(nn.Module):
         # a pad query sees itself only, so its row stays finite and never poisons a real one
         mask = (causal[None] & valid[:, None, :]) | (key[None, None, :] == input_pos[None, :, None])
         mask = mask[:, None]                                          # (B, 1, T, S)
+        if T == 1 and bool(valid.all()):
+            mask = None   # one new token over an unpadded prefix sees every slot: SDPA's unmasked path is faster
 
         if self._inv_freq is None or self._inv_freq.device != dev:
             self._inv_freq = rope_frequencies(self.config).to(dev)

@@ -28,7 +28,8 @@ def sft_row(prompt, answer, stage, kind, prompt_by, answer_by, by=None, **meta):
     """One SFT line; `prompt_by` / `answer_by` (and `by`, for critiques and judges) say who wrote what:
     human, constructed (by code), parser, or stageK-model."""
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "meta": {"stage": stage, "kind": kind, "source": answer_by if answer_by.endswith("model") else prompt_by,
+            "meta": {"stage": stage, "kind": kind,   # source: whose text the row carries (labels and sums are code's)
+                     "source": prompt_by if answer_by in ("constructed", "parser") else answer_by,
                      "written_by": {"prompt": prompt_by, "response": answer_by, **(by or {})}, **meta}}
 
 
@@ -204,19 +205,24 @@ def make_stage3(ctx):
     for i, r in zip(half, reworded):
         r = first_line(r)
         t = tasks[i][1]
-        if 3 <= len(E.words(r)) <= 25 and E.mentions(r, topic_words(t)) and E.rouge_l(r, instr[i]) < 0.9:
+        still_instruction = passes({"type": "instruction", "topic": topic_words(t)}, instr[i], r)[0]
+        if still_instruction and len(E.words(r)) <= 25 and E.rouge_l(r, instr[i]) < 0.9:
             instr[i], by[i] = r, W
-    outs = ctx.ask(2, instr, temperature=0.7)
-    for (k, t), ins, who, out in zip(tasks, instr, by, outs):
-        text = first_line(out) if k["kind"] != "help_request" else E.unwrap(out.strip())
-        row = sft_row(ins, text, 3, k["kind"], who, W, topic=t)
-        ok, why = passes({"type": k["kind"], "topic": topic_words(t)}, ins, text)
-        if not ok:
-            keep.reject(row, why)
-        elif len(E.words(text)) > 60:
-            keep.reject(row, "longer than 60 words")
-        else:
+    # rejection sampling: `candidates` samples per task, the first that passes the kind and topic check is kept
+    samples = [ctx.ask(2, instr, temperature=0.8) for _ in range(ctx.preset.candidates)]
+    for i, ((k, t), ins, who) in enumerate(zip(tasks, instr, by)):
+        for j, out in enumerate(s[i] for s in samples):
+            text = first_line(out) if k["kind"] != "help_request" else E.unwrap(out.strip())
+            row = sft_row(ins, text, 3, k["kind"], who, W, topic=t, candidate=j + 1)
+            ok, why = passes({"type": k["kind"], "topic": topic_words(t)}, ins, text)
+            if ok and len(E.words(text)) > 60:
+                ok, why = False, "longer than 60 words"
+            if ok:
+                break
+        if ok:
             keep.add(row, novel_text=text)
+        else:
+            keep.reject(row, why)
     return keep.decontaminate(ctx.eval_items)
 
 
@@ -268,13 +274,14 @@ def make_stage4(ctx):
     """The stage-3 model writes questions and answers; defects are made by code, so every label is known."""
     rng, keep, W = ctx.rng, Keeper(), "stage3-model"
     P = TEMPLATES["principles_by_defect"]
-    pool = qa_pool(ctx, 3, round(ctx.preset.n_make * ctx.preset.oversample * 0.6))
+    pool = qa_pool(ctx, 3, round(ctx.preset.n_make * ctx.preset.oversample))
     probs = [parse_arithmetic(p) for p in ctx.ask(3, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"])
                                                       for _ in range(max(4, ctx.preset.n_make // 4))], temperature=1.0)]
-    for t, q, a in pool:
+    jobs = [(t, q, a, kind) for t, q, a in pool   # labels are free: each answer serves several judging kinds
+            for kind in rng.sample(["response_helpful", "principle_violation", "rating", "pairwise"], ctx.preset.judge_kinds)]
+    for t, q, a, kind in jobs:
         bad, defect, stars, reason = rng.choice(defects(q, a, pool, rng))
         good = rng.random() < 0.5
-        kind = rng.choice(["response_helpful", "principle_violation", "rating", "pairwise", "pairwise"])
         if kind == "response_helpful":
             r = a if good or defect == "rude_opener" else bad
             label = "Yes. It answers the question." if r == a else f"No. {reason}"
@@ -302,12 +309,11 @@ def make_stage4(ctx):
         label = "Yes." if right else f"No. The correct answer is {r}."
         keep.add(sft_row(judge_prompt("answer_correct", q, f"{a} {OPS[op][0]} {b} = {shown}.", rng), label, 4,
                          "answer_correct", W, "parser"))
-    for row in rng.sample(ctx.seed_rows, min(len(ctx.seed_rows), max(4, ctx.preset.n_make // 4))):  # facts: human answers
-        if row["meta"].get("kind") != "answer_question":
-            continue
+    facts = [r for r in ctx.seed_rows if r["meta"].get("kind") == "answer_question"]
+    for row in rng.sample(facts, min(len(facts), max(4, ctx.preset.n_make // 3))):  # facts: human answers
         q, a = row["messages"][0]["content"].partition(":")[2].strip(), row["messages"][1]["content"]
-        swapped = next((r["messages"][1]["content"] for r in rng.sample(ctx.seed_rows, 20)
-                        if r["meta"].get("kind") == "answer_question" and r is not row), None)
+        swapped = rng.choice([r for r in facts if r is not row] or [None])
+        swapped = swapped and swapped["messages"][1]["content"]
         right = rng.random() < 0.5 or swapped is None
         label = "Yes." if right else "No. That answers a different question."
         keep.add(sft_row(judge_prompt("answer_correct", q, a if right else swapped, rng), label, 4, "answer_correct",
@@ -362,11 +368,8 @@ def make_stage5(ctx):
     fb = ctx.ask(4, [rng.choice(TEMPLATES["critique_request"]).format(text=bad) for k, bad, *_ in tasks
                      if k == "revise_feedback"])
     fb = iter(first_sentence(f) for f in fb)
-    order = [rng.random() < 0.5 for _ in tasks]     # is the clean text shown as A?
-    verdicts = ctx.ask(4, [judge_prompt("pairwise", q or "Which text is better written?", good if a_first else bad, rng,
-                                        other=bad if a_first else good)
-                           for (k, bad, good, by, q), a_first in zip(tasks, order)], max_new_tokens=4)
-    for (kind, bad, good, by, q), a_first, v in zip(tasks, order, verdicts):
+    scores = ctx.prefer(4, [(q or "Which text is better written?", good, bad) for k, bad, good, by, q in tasks])
+    for (kind, bad, good, by, q), score in zip(tasks, scores):
         if kind == "revise_feedback":
             critique = next(fb)
             prompt = f"Revise according to feedback: {bad}\nFeedback: {critique}"
@@ -374,12 +377,11 @@ def make_stage5(ctx):
             prompt = f"{rng.choice(['Make this more helpful', 'Improve this response'])}:\nQuestion: {q}\nResponse: {bad}"
         else:
             prompt = f"{'Fix the errors in' if kind == 'fix_errors' else 'Rewrite this more clearly'}: {bad}"
-        row = sft_row(prompt, good, 5, kind, "constructed", by, judge=v.strip()[:40],
+        row = sft_row(prompt, good, 5, kind, "constructed", by, judge_score=round(score, 3),
                       by={"judge": W, **({"critique": W} if kind == "revise_feedback" else {})})
-        picked = E.score({"check": {"type": "verdict", "label": "A" if a_first else "B"}, "prompt": ""}, v)[0]
         if kind == "revise_feedback" and (not E.words(critique) or E.is_echo(bad, critique)):
             keep.reject(row, "critique empty or an echo")
-        elif not picked:
+        elif score <= 0:
             keep.reject(row, "the stage-4 judge did not prefer the clean text")
         else:
             keep.add(row)
@@ -387,6 +389,14 @@ def make_stage5(ctx):
 
 
 # ---------------------------------------------------------------- stage 6: constitutional preference pairs
+
+def few_shot(name, prompt):
+    """The prompt after human-written worked examples (data/templates.json): without them small models copy the
+    text they are asked to revise, or open with 'Sure, here is...' (Hugging Face's CAI recipe)."""
+    demos = [{"role": role, "content": text} for user, answer in TEMPLATES[name]
+             for role, text in (("user", user), ("assistant", answer))]
+    return demos + [{"role": "user", "content": prompt}]
+
 
 def strip_preamble(text):
     """Drop 'Sure, here is the revised response:' openings (small models add them; Hugging Face's CAI recipe)."""
@@ -396,7 +406,7 @@ def strip_preamble(text):
 def make_stage6(ctx):
     """Stage 3 writes user prompts (red-team topics included), stage 2 answers, stage 4 critiques against a principle
     drawn from the constitution, stage 5 revises; (revision > original) pairs are kept where the stage-4 judge
-    prefers the revision in both A/B orders. Each round draws a fresh principle; every round's revision counts."""
+    prefers the revision, averaged over both A/B orders. Each round draws a fresh principle; every round counts."""
     rng, keep = ctx.rng, Keeper()
     principles = read_data("constitution.json")["principles"]
     n = round(ctx.preset.n_make * ctx.preset.oversample)
@@ -411,17 +421,14 @@ def make_stage6(ctx):
     current = list(originals)
     for rnd in range(ctx.preset.revision_rounds):
         ps = [rng.choice(principles) for _ in prompts]
-        crit = ctx.ask(4, [f"{p['critique']}\nQuestion: {q}\nResponse: {r}" for p, q, r in zip(ps, prompts, current)])
-        revs = ctx.ask(5, [f"Revise according to feedback: {r}\nFeedback: {first_sentence(c)} {p['revision']}"
+        crit = ctx.ask(4, [few_shot("critique_demos", f"{p['critique']}\nQuestion: {q}\nResponse: {r}")
+                           for p, q, r in zip(ps, prompts, current)])
+        revs = ctx.ask(5, [few_shot("revision_demos", f"Revise according to feedback: {r}\nFeedback: "
+                                                      f"{first_sentence(c)} {p['revision']}")
                            for p, r, c in zip(ps, current, crit)])
         revs = [strip_preamble(r) for r in revs]
-        # judge in both orders: revision as A, then as B
-        ab = ctx.ask(4, [judge_prompt("pairwise", q, r, rng, other=o) for q, o, r in zip(prompts, originals, revs)] +
-                     [judge_prompt("pairwise", q, o, rng, other=r) for q, o, r in zip(prompts, originals, revs)],
-                     max_new_tokens=4)
+        scores = ctx.prefer(4, list(zip(prompts, revs, originals)))    # both A/B orders, position bias cancelled
         for i, (q, o, r, p, c) in enumerate(zip(prompts, originals, revs, ps, crit)):
-            first = E.score({"check": {"type": "verdict", "label": "A"}, "prompt": ""}, ab[i])[0]
-            second = E.score({"check": {"type": "verdict", "label": "B"}, "prompt": ""}, ab[len(prompts) + i])[0]
             row = {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
                    "rejected": [{"role": "assistant", "content": o}],
                    "meta": {"stage": 6, "kind": kinds[i], "round": rnd + 1,
@@ -430,13 +437,13 @@ def make_stage6(ctx):
                             "written_by": {"prompt": "stage3-model", "rejected": "stage2-model",
                                            "critique": "stage4-model", "chosen": "stage5-model",
                                            "judge": "stage4-model"},
-                            "judge": [ab[i].strip()[:20], ab[len(prompts) + i].strip()[:20]]}}
+                            "judge_score": round(scores[i], 3)}}
             if not E.words(r) or not E.words(o):
                 keep.reject(row, "empty original or revision")
             elif E.rouge_l(r, o) >= 0.9:
                 keep.reject(row, "revision barely differs from the original")
-            elif not (first and second):
-                keep.reject(row, "the stage-4 judge did not prefer the revision in both orders")
+            elif scores[i] <= 0:
+                keep.reject(row, "the stage-4 judge did not prefer the revision (both A/B orders averaged)")
             else:
                 keep.add(row)
         current = revs

@@ -331,3 +331,19 @@ def test_cli_help_lists_every_flag():
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--model", "--stage", "--stages", "--out", "--responses", "--limit", "--batch-size", "--device", "--dtype"):
         assert flag in proc.stdout
+
+
+def test_contamination_ignores_shared_instruction_wording():
+    """A set's template ('Rate this response ...') is the task's format; only an item's own content is a leak."""
+    head = "Rate this response from 1 to 5, where 5 means correct and 1 means useless. Reply with one number."
+    items = [{"id": f"s4-{i}", "prompt": f"{head}\nQuestion: {q}\nResponse: {r}"} for i, (q, r) in enumerate([
+        ("What is the capital of Italy?", "Rome is the capital of Italy."),
+        ("How many legs does a spider have?", "A spider has eight legs."),
+        ("Why do leaves change colour in autumn?", "The green chlorophyll breaks down as days get shorter.")])]
+    same_format = {"messages": [{"role": "user", "content": f"{head}\nQuestion: What do cows eat?\nResponse: Grass."}]}
+    same_item = {"messages": [{"role": "user", "content": "Why do leaves change colour in autumn? The green "
+                                                          "chlorophyll breaks down as days get shorter."}]}
+    hits = E.contamination([same_format, same_item], items)
+    assert [(h["train_index"], h["eval_id"]) for h in hits] == [(1, "s4-2")]
+    # with the template rule off (it would need 4 items to share wording), the format alone is a hit
+    assert {h["train_index"] for h in E.contamination([same_format], items, template=4)} == {0}
