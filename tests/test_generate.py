@@ -59,6 +59,18 @@ def default():
 
 # ----------------------------------------------------------------------------- cache, batching, transformers
 
+def test_choice_logprobs_equal_the_unpadded_next_token_distribution(tiny):
+    """The judge's A/B reading: in a left-padded batch, each prompt's option log-probs equal a plain forward pass."""
+    _, net, tok = tiny
+    prompts = PROMPTS + ["x"]
+    got = G.choice_logprobs(net, tok, prompts, ["A", "B"], batch_size=3)
+    a, b = tok.encode("A")[0], tok.encode("B")[0]
+    for ids, row in zip(chat_ids(tok, prompts), got):
+        with torch.no_grad():
+            ref = net(torch.tensor([ids]))[0, -1].log_softmax(-1)
+        assert row == pytest.approx([ref[a].item(), ref[b].item()], abs=1e-4)
+
+
 def test_tiny_greedy_with_cache_equals_greedy_without(tiny):
     _, net, tok = tiny
     for ids in chat_ids(tok, PROMPTS):
