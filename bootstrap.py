@@ -370,8 +370,8 @@ def gate(run, k, results):
 def run_stage(run, k):
     d = run.stage_dir(k)
     d.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     info = make_data(run, k)
+    t0 = time.time()   # data minutes are in info, counted once even when the data was made by an earlier run
     check_contamination(run, k)
     rows = read_jsonl(d / "data.jsonl")
     attempts = []
