@@ -72,7 +72,8 @@ PRESETS = {
     # all six stages within about 30 minutes on a 2-core CPU. A 135M model trained for minutes does not reach
     # SPEC's gates, so this demo of the mechanics measures and reports every gate without stopping at one
     "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=48, oversample=1.5, stage1_epochs=1, epochs=2,
-                       gen_tokens=40, eval_limit=48, recheck_limit=30, eval_tokens=40, dpo_epochs=2, gate=False),
+                       gen_tokens=40, eval_limit=48, recheck_limit=30, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
+                       gate=False),
     # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
                    max_len=512, gen_batch=64, gen_tokens=96, eval_tokens=96),

@@ -413,7 +413,8 @@ def make_stage6(ctx):
     red = ctx.topics_file["redteam_topics"]
     asks = [rng.choice(TEMPLATES["stage6"]["redteam"]).format(topic=rng.choice(red)) if i % 2 == 0 else
             rng.choice(TEMPLATES["stage6"]["benign"]).format(topic=t) for i, t in enumerate(ctx.topics(n))]
-    made = [E.unwrap(p.strip()).split("\n\n")[0].strip() for p in ctx.ask(3, asks, temperature=0.8)]
+    made = [E.unwrap(p.strip()).split("\n\n")[0].strip()
+            for p in ctx.ask(3, [few_shot("redteam_demos", a) for a in asks], temperature=0.8)]
     kinds = ["redteam" if i % 2 == 0 else "benign" for i in range(len(made))]
     pairs = [(k, p) for k, p in zip(kinds, made) if len(E.words(p)) >= 3]
     kinds, prompts = [k for k, _ in pairs], [p for _, p in pairs]
