@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import evaluate as E
 import model as M
@@ -229,7 +230,6 @@ class Run:
 
 
 def _bar(desc, total):
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="prompt", leave=False, dynamic_ncols=True)
 
 
@@ -269,7 +269,7 @@ class Context:
         return out
 
     def stage_rows(self, k):
-        return self.seed_rows if k == 1 and not self.run.rows(1) else self.run.rows(k)
+        return self.run.rows(k) or (self.seed_rows if k == 1 else [])
 
 
 def replay_rows(run, ctx, k, n_own):
@@ -339,8 +339,8 @@ def evaluate_stage(run, k):
     out = {}
     for s in eval_sets(k):
         limit = run.preset.eval_limit if s in (k, 6) else run.preset.recheck_limit
-        n = len(E.spread(E.load_eval_set(s), limit))
-        gen = lambda *a, **kw: generate(*a, **kw, progress=_bar(f"stage{k} model, eval set {s}", n))  # noqa: E731
+        gen = lambda net, tok, prompts, **kw: generate(  # noqa: E731
+            net, tok, prompts, **kw, progress=_bar(f"stage{k} model, eval set {s}", len(prompts)))
         out[s] = E.evaluate_stage(net, tok, s, batch_size=run.preset.gen_batch, max_new_tokens=run.preset.eval_tokens,
                                   limit=limit, generate_fn=gen)
     del net

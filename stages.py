@@ -86,7 +86,7 @@ def passes(check, prompt, text):
     return E.score({"check": check, "prompt": prompt}, text)
 
 
-# ---------------------------------------------------------------- arithmetic without eval()
+# ---------------------------------------------------------------- arithmetic by a parser: model text is never run
 
 OPS = {"+": ("+", "plus", lambda a, b: a + b), "-": ("-", "minus", lambda a, b: a - b),
        "*": ("\u00d7", "times", lambda a, b: a * b), "/": ("\u00f7", "divided by", lambda a, b: a // b)}

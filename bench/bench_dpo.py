@@ -8,9 +8,7 @@ LoRA r=16 on all seven projections. Each configuration runs in its own process (
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import model as M  # noqa: E402
 import train_dpo as D  # noqa: E402
 import train_sft as S  # noqa: E402
-from bench_train import TARGETS, peak_rss_gb  # noqa: E402
+from bench_train import TARGETS, best_step_seconds, peak_rss_gb, run_configs  # noqa: E402
 
 
 def batch(pairs, seq, prompt=32):
@@ -74,13 +72,7 @@ def run_one(name, pairs, seq, steps, repeat):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - t) / steps)
+    best = best_step_seconds(step, steps, repeat)
     return {"name": name, "tokens_per_s": 2 * pairs * seq / best, "step_s": best, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -100,17 +92,7 @@ def main():
         print(json.dumps(run_one(args.one, args.pairs, args.seq, args.steps, args.repeat)))
         return
     M.default_base()
-    res = {}
-    for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--one", name] + [f"--{k}={getattr(args, k)}" for k in
-                                                           ("threads", "pairs", "seq", "steps", "repeat")]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode:
-            print(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
-            continue
-        res[name] = r = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"{name:10s} {r['tokens_per_s']:7.1f} tokens/s   step {r['step_s']:6.2f} s   "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    res = run_configs(__file__, args.configs.split(","), args, ("threads", "pairs", "seq", "steps", "repeat"))
     dpo = [r for n, r in res.items() if n.startswith("dpo:")]
     if dpo:
         d = max(dpo, key=lambda r: r["tokens_per_s"])

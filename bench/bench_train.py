@@ -26,6 +26,40 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def best_step_seconds(step, steps, repeat):
+    """Seconds per step: one warm-up step, then the best of `repeat` timed runs of `steps` steps."""
+    step()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t) / steps)
+    return best
+
+
+def run_configs(script, names, args, keys):
+    """Run each configuration in its own process (so its peak RSS is its own); {name: result dict}.
+    Configurations of transformers + peft are skipped when those are not installed."""
+    results = {}
+    for name in names:
+        if name.startswith("hf:"):
+            try:
+                import peft, transformers  # noqa: F401,E401
+            except ImportError:
+                print(f"{name}: transformers + peft not installed, skipped")
+                continue
+        cmd = [sys.executable, script, "--one", name] + [f"--{k}={getattr(args, k)}" for k in keys]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            print(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
+            continue
+        results[name] = r = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{name:18s} {r['tokens_per_s']:7.1f} tokens/s   step {r['step_s']:6.2f} s   "
+              f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    return results
+
+
 def ours(precision, grad_checkpoint=False):
     """(summed target log-probs of a batch, params, autocast dtype) for our model as train_sft sets it up."""
     cfg = S.SFTConfig(precision=precision, device="cpu", grad_checkpoint=grad_checkpoint)
@@ -75,13 +109,7 @@ def run_one(name, batch, seq, steps, repeat):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - t) / steps)
+    best = best_step_seconds(step, steps, repeat)
     return {"name": name, "tokens_per_s": batch * seq / best, "step_s": best, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -101,20 +129,7 @@ def main():
         print(json.dumps(run_one(args.one, args.batch, args.seq, args.steps, args.repeat)))
         return
     M.default_base()
-    results = {}
-    for name in args.configs.split(","):
-        if name.startswith("hf:"):
-            try:
-                import peft, transformers  # noqa: F401,E401
-            except ImportError:
-                print(f"{name}: transformers + peft not installed, skipped")
-                continue
-        cmd = [sys.executable, __file__, "--one", name] + [f"--{k}={getattr(args, k)}" for k in
-                                                           ("threads", "batch", "seq", "steps", "repeat")]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        results[name] = r
-        print(f"{name:18s} {r['tokens_per_s']:7.1f} tokens/s   step {r['step_s']:6.2f} s   "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    results = run_configs(__file__, args.configs.split(","), args, ("threads", "batch", "seq", "steps", "repeat"))
     hf = [r for n, r in results.items() if n.startswith("hf:")]
     us = [r for n, r in results.items() if not n.startswith("hf:")]
     if hf and us:
