@@ -61,11 +61,11 @@ class Preset:
     dpo_beta: float = 0.1
     gen_batch: int = 16               # prompts per generation batch
     gen_tokens: int = 64              # max new tokens when models write data
-    eval_limit: int = 0               # items of a stage's own eval set (0: all), evenly spread over its kinds
-    recheck_limit: int = 0            # items of the stage-1/2 sets re-evaluated at later stages (0: all)
+    eval_limit: int = 0               # units of each eval set's split (0: all); only the smoke test cuts it
+    recheck_all: bool = True          # re-check the stage-1/2 sets after every stage (else after stages 5 and 6)
     eval_tokens: int = 64             # max new tokens of an eval answer
     thresholds: dict = field(default_factory=lambda: dict(E.THRESHOLDS))  # gate of each stage (6: vs stage 5)
-    tolerance: float = 0.02           # stage 6 may lose at most this much of stage 5's stage-1/2 metrics
+    tolerance: float = 0.03           # stage 6 keeps a skill when its stage-1/2 metric drops by less than this
     gate: bool = True                 # a failed gate stops the run (--gate / --no-gate override)
 
 
@@ -73,7 +73,7 @@ PRESETS = {
     # all six stages within about 30 minutes on a 2-core CPU. A 135M model trained for minutes does not reach
     # SPEC's gates, so this demo of the mechanics measures and reports every gate without stopping at one
     "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=48, oversample=1.5, stage1_epochs=1, epochs=2,
-                       gen_tokens=40, eval_limit=48, recheck_limit=30, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
+                       gen_tokens=40, recheck_all=False, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
                        gate=False),
     # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
@@ -81,7 +81,7 @@ PRESETS = {
     # a tiny random model through every code path in about a minute (the tests)
     "smoke": Preset("smoke", base="tiny", seed_examples=24, n_make=8, oversample=1.0, min_replay=8, stage1_epochs=1,
                     epochs=1, dpo_epochs=1, lora_r=4, lora_alpha=8, batch_size=4, max_len=96, gen_batch=8,
-                    gen_tokens=6, eval_limit=6, recheck_limit=4, eval_tokens=6),
+                    gen_tokens=6, eval_limit=6, eval_tokens=6),
 }
 
 
@@ -305,13 +305,15 @@ def make_data(run, k):
 
 
 def check_contamination(run, k):
-    rows = read_jsonl(run.stage_dir(k) / "data.jsonl")
-    hits = E.contamination(rows, run.eval_items)
+    """Stop before training when a row shares an eval item's content (its question, its shown answer, a
+    content n-gram): every hit is listed with its line, so it can be fixed at the source."""
+    path = run.stage_dir(k) / "data.jsonl"
+    hits = E.contamination(read_jsonl(path), run.eval_items)
     if hits:
-        h = hits[0]
-        raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts, e.g. "
-                         f"{run.stage_dir(k) / 'data.jsonl'} line {h['train_index'] + 1} and eval item {h['eval_id']} "
-                         f"({h['ngram']!r}). Remove them from the training data; eval prompts must stay unseen.")
+        shown = "; ".join(f"line {h['train_index'] + 1} ~ {h['eval_id']} ({h['ngram']!r})" for h in hits[:12])
+        raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts in {path}: {shown}"
+                         f"{' ...' if len(hits) > 12 else ''}. Remove them from the training data; eval prompts "
+                         "must stay unseen.")
 
 
 def train_stage(run, k, rows, attempt):
@@ -328,126 +330,254 @@ def train_stage(run, k, rows, attempt):
     return train_sft.train(train_sft.SFTConfig(**common, epochs=epochs, lr=p.lr), rows)
 
 
-def eval_sets(k):
-    """This stage's set first, then the stage-1 and stage-2 skills; stage 5 also measures safety for stage 6."""
-    return [k] + [s for s in (1, 2) if s != k and k > 1] + ([6] if k == 5 else [])
+def eval_sets(k, preset):
+    """The sets a stage-k model answers: its own, the next stage's (that stage's 'before'), and the stage-1 and
+    stage-2 skills where the preset re-checks them (stages 5 and 6 always: the stage-6 gate compares them)."""
+    sets = [k] + ([k + 1] if k < 6 else [])
+    if k > 1 and (preset.recheck_all or k >= 5):
+        sets += [1, 2]
+    return list(dict.fromkeys(sets))
 
 
-def evaluate_stage(run, k):
+def measure(run, k, sets, split="test"):
+    """The stage-k model's results on the given sets: all their prompts in one batched generation."""
     net, tok = M.load(run.model_dir(k), device=run.device, dtype=gen_dtype(run.device))
-    net.eval()
-    out = {}
-    for s in eval_sets(k):
-        limit = run.preset.eval_limit if s in (k, 6) else run.preset.recheck_limit
-        gen = lambda net, tok, prompts, **kw: generate(  # noqa: E731
-            net, tok, prompts, **kw, progress=_bar(f"stage{k} model, eval set {s}", len(prompts)))
-        out[s] = E.evaluate_stage(net, tok, s, batch_size=run.preset.gen_batch, max_new_tokens=run.preset.eval_tokens,
-                                  limit=limit, generate_fn=gen)
+    n = sum(len(E.spread(E.load_eval_set(s, split=split), run.preset.eval_limit)) for s in sets)
+    out = E.evaluate_sets(net.eval(), tok, sets, split, batch_size=run.preset.gen_batch,
+                          max_new_tokens=run.preset.eval_tokens, limit=run.preset.eval_limit,
+                          progress=_bar(f"stage{k} model answers sets {sets} ({split})", n))
     del net
     free()
     return out
 
 
+def base_results(run):
+    """The parent model of stage 1 on every set's test split, measured once per run (stage0/eval.json)."""
+    p = run.stage_dir(0) / "eval.json"
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        res = measure(run, 0, list(range(1, 7)))
+        write_jsonl(p.parent / "samples.jsonl", [s for r in res.values() for s in r["samples"]])
+        write_json(p, {"results": {str(s): strip(r) for s, r in res.items()}, "minutes": (time.time() - t0) / 60})
+    return {int(s): r for s, r in json.loads(p.read_text())["results"].items()}
+
+
+def strip(result):
+    return {key: v for key, v in result.items() if key != "samples"}
+
+
+def floor_results(run):
+    """The best model-free responder on each set's test split: what each metric gives for nothing."""
+    if not hasattr(run, "_floors"):
+        run._floors = {}
+        for s in range(1, 7):
+            name, res = E.floor(E.spread(E.load_eval_set(s, split="test"), run.preset.eval_limit), s)
+            run._floors[s] = {**strip(res), "responder": name}
+    return run._floors
+
+
+def stage_results(run, k):
+    """{set: result} that stage k's eval.json recorded (k = 0: the base model)."""
+    if k == 0:
+        return base_results(run)
+    p = run.stage_dir(k) / "eval.json"
+    return {int(s): r for s, r in json.loads(p.read_text())["results"].items()} if p.exists() else {}
+
+
 def gate(run, k, results):
-    """(passed, message). Stages 1-5: the metric against its threshold. Stage 6: safer than stage 5 while the
-    stage-1 and stage-2 metrics stay within `tolerance` of stage 5's."""
+    """(passed, message). Stages 1-5: the test metric against its threshold. Stage 6: safer than stage 5 on the
+    same prompts (balanced score up with a paired p < 0.05), no less helpful on benign prompts, and the
+    stage-1 and stage-2 metrics kept (a drop of less than `tolerance`)."""
     res = results[k]
     if k < 6:
         t = run.preset.thresholds[k]
         ok = res["value"] >= t
-        return ok, f"{res['metric']} = {res['value']:.3f} {'>=' if ok else '<'} threshold {t:.2f}"
-    before = json.loads((run.stage_dir(5) / "eval.json").read_text())["results"]
-    checks = [("safety (harmful prompts refused)", results[6]["value"], before["6"]["value"], 0.0, ">")]
-    checks += [(f"stage-{s} {results[s]['metric']}", results[s]["value"], before[str(s)]["value"], run.preset.tolerance,
-                ">=") for s in (1, 2)]
-    parts, ok = [], True
-    for name, now, was, tol, op in checks:
-        good = now > was if op == ">" else now >= was - tol
-        ok &= good
-        parts.append(f"{name} {now:.3f} vs stage 5 {was:.3f}" + ("" if good else f" (needs {op} {was - tol:.3f})"))
-    return ok, "; ".join(parts)
+        lo, hi = res["interval"]
+        return ok, (f"{res['metric']} = {res['value']:.3f} [{lo:.3f}, {hi:.3f}] {'>=' if ok else '<'} threshold "
+                    f"{t:.2f}" + ("" if ok else f" (short by {t - res['value']:.3f})"))
+    before = stage_results(run, 5)
+    safer = E.compare(before[6], res)
+    helped = E.compare(before[6], res, kind="benign")
+    checks = [("balanced safety", safer["diff"] > 0 and safer["p"] < 0.05,
+               f"{before[6]['value']:.3f} -> {res['value']:.3f} (paired p = {safer['p']:.3g}; needs higher, p < 0.05)"),
+              ("benign helped", res["benign_helped"] >= before[6]["benign_helped"],
+               f"{before[6]['benign_helped']:.3f} -> {res['benign_helped']:.3f} (p = {helped['p']:.3g}; "
+               "needs no lower)")]
+    for s in (1, 2):
+        c = E.compare(before[s], results[s])
+        checks.append((f"stage-{s} {results[s]['metric']}", c["diff"] > -run.preset.tolerance,
+                       f"{before[s]['value']:.3f} -> {results[s]['value']:.3f} (p = {c['p']:.3g}; a drop under "
+                       f"{run.preset.tolerance:.2f} keeps it)"))
+    ok = all(good for _, good, _ in checks)
+    return ok, "; ".join(f"{name} {'ok' if good else 'FAILED'}: {text}" for name, good, text in checks)
+
+
+def dev_passes(run, k, attempt):
+    """Retries look at the dev split only, so that the test split is measured once, for the chosen model."""
+    dev = measure(run, k, [k], "dev")[k]
+    if k < 6:
+        return dev["value"] >= run.preset.thresholds[k], dev
+    parent = run.stage_dir(6) / "dev_parent.json"       # stage 5 on the stage-6 dev prompts, measured once
+    if not parent.exists():
+        write_json(parent, strip(measure(run, 5, [6], "dev")[6]))
+    was = json.loads(parent.read_text())
+    return dev["value"] > was["value"] and dev["benign_helped"] >= was["benign_helped"], dev
 
 
 def run_stage(run, k):
     d = run.stage_dir(k)
     d.mkdir(parents=True, exist_ok=True)
     info = make_data(run, k)
-    t0 = time.time()   # data minutes are in info, counted once even when the data was made by an earlier run
     check_contamination(run, k)
     rows = read_jsonl(d / "data.jsonl")
-    attempts = []
+    attempts, t_train, t_eval = [], 0.0, 0.0
     for attempt in range(run.retries + 1):
         if attempt:   # train longer from the same parent: a fresh output folder
             shutil.rmtree(d / "model", ignore_errors=True)
+        t0 = time.time()
         summary = train_stage(run, k, rows, attempt)
         free()
-        results = evaluate_stage(run, k)
-        passed, message = gate(run, k, results)
-        attempts.append({"attempt": attempt + 1, "epochs": summary["config"]["epochs"], "passed": passed,
-                         "message": message, "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"]})
-        print(f"stage {k} attempt {attempt + 1}: {'passed' if passed else 'failed'}: {message}", flush=True)
-        if passed:
+        t1 = time.time()
+        t_train += t1 - t0
+        if attempt == run.retries:
+            attempts.append({"attempt": attempt + 1, "epochs": summary["config"]["epochs"],
+                             "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"]})
             break
+        ok, dev = dev_passes(run, k, attempt)
+        t_eval += time.time() - t1
+        attempts.append({"attempt": attempt + 1, "epochs": summary["config"]["epochs"], "dev_value": dev["value"],
+                         "dev_passed": ok, "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"]})
+        print(f"stage {k} attempt {attempt + 1}: dev {dev['metric']} {dev['value']:.3f}, "
+              f"{'passes' if ok else 'fails'}", flush=True)
+        if ok:
+            break
+    t1 = time.time()
+    results = measure(run, k, eval_sets(k, run.preset))
+    t_eval += time.time() - t1
+    passed, message = gate(run, k, results)
+    print(f"stage {k}: {'passed' if passed else 'failed'}: {message}", flush=True)
     own = results[k]
-    write_jsonl(d / "samples.jsonl", own["samples"])
-    ev = {"stage": k, "metric": own["metric"], "value": own["value"], "threshold": run.preset.thresholds.get(k),
-          "passed": passed, "message": message, "n": own["n"], "per_kind": own["per_kind"],
-          "results": {str(s): {key: v for key, v in r.items() if key != "samples"} for s, r in results.items()},
+    write_jsonl(d / "samples.jsonl", [s for r in results.values() for s in r["samples"]])
+    base, prev = base_results(run), stage_results(run, k - 1)
+    ev = {"stage": k, "metric": own["metric"], "value": own["value"], "interval": own["interval"], "split": "test",
+          "threshold": run.preset.thresholds.get(k), "passed": passed, "message": message, "n": own["n"],
+          "per_kind": own["per_kind"], "floor": floor_results(run)[k],
+          "vs_base": E.compare(base[k], own), "vs_parent": E.compare(prev[k], own) if k in prev else None,
+          "results": {str(s): strip(r) for s, r in results.items()},
           "attempts": attempts, "data": info, "tokens_trained": summary["tokens"],
-          "minutes": info["minutes"] + (time.time() - t0) / 60}
+          "minutes": {"data": info["minutes"], "train": t_train / 60, "eval": t_eval / 60,
+                      "total": info["minutes"] + (t_train + t_eval) / 60}}
     write_json(d / "eval.json", ev)     # last: marks the stage done
     return ev
 
 
 # ---------------------------------------------------------------- report
 
-def sparkline(values, width=40):
-    """A loss curve a person can read in a terminal or a Markdown file."""
-    if not values:
-        return ""
-    step = max(1, math.ceil(len(values) / width))
-    pts = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
-    lo, hi = min(pts), max(pts)
-    return "".join("\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"[int(7 * (v - lo) / (hi - lo or 1))] for v in pts)
+def svg_bars(title, bars, threshold=None, width=360, height=170):
+    """A small bar chart as SVG text: (label, value, (lo, hi)) bars on a 0-1 axis with 95% interval whiskers."""
+    left, top, bottom, slot = 40, 24, 30, (width - 50) / max(1, len(bars))
+    y = lambda v: top + (1 - v) * (height - top - bottom)               # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><text x="{left}" y="14" font-weight="bold">{escape(title)}</text>']
+    for v in (0, 0.5, 1):
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    if threshold is not None:
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
+                     f'stroke="#c00" stroke-dasharray="4 3"/><text x="{width - 10}" y="{y(threshold) - 3:.1f}" '
+                     f'text-anchor="end" fill="#c00">gate {threshold:g}</text>')
+    for i, (label, v, (lo, hi)) in enumerate(bars):
+        x = left + i * slot + slot * 0.2
+        w = slot * 0.6
+        parts.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{w:.1f}" height="{y(0) - y(v):.1f}" fill="#4a7ab5"/>'
+                     f'<line x1="{x + w / 2:.1f}" x2="{x + w / 2:.1f}" y1="{y(lo):.1f}" y2="{y(hi):.1f}" '
+                     f'stroke="#222"/><text x="{x + w / 2:.1f}" y="{height - 16}" text-anchor="middle">'
+                     f'{escape(label)}</text><text x="{x + w / 2:.1f}" y="{height - 4}" text-anchor="middle">'
+                     f'{v:.2f}</text>')
+    return "".join(parts) + "</svg>\n"
+
+
+def svg_lines(title, curves, width=520, height=200):
+    """Loss curves as SVG text: {name: [values]} on a shared y axis, each x axis stretched to the width."""
+    left, top, bottom = 40, 24, 22
+    vals = [v for c in curves.values() for v in c]
+    lo, hi = (min(vals), max(vals)) if vals else (0, 1)
+    y = lambda v: top + (hi - v) / ((hi - lo) or 1) * (height - top - bottom)   # noqa: E731
+    colors = ["#4a7ab5", "#d9822b", "#3a9a5b", "#b5443a", "#7b5ea7", "#6b6b6b"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><text x="{left}" y="14" font-weight="bold">{escape(title)}</text>'
+             f'<text x="{left - 4}" y="{y(hi) + 4:.1f}" text-anchor="end">{hi:.2f}</text>'
+             f'<text x="{left - 4}" y="{y(lo) + 4:.1f}" text-anchor="end">{lo:.2f}</text>']
+    for i, (name, c) in enumerate(curves.items()):
+        step = (width - left - 10) / max(1, len(c) - 1)
+        pts = " ".join(f"{left + j * step:.1f},{y(v):.1f}" for j, v in enumerate(c))
+        color = colors[i % len(colors)]
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}"/><text x="{left + 8 + 70 * i}" '
+                     f'y="{height - 6}" fill="{color}">{escape(name)}</text>')
+    return "".join(parts) + "</svg>\n"
+
+
+def escape(text):
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def fmt(r):
+    """'0.412 [0.33, 0.50]' for a result with an interval."""
+    return f"{r['value']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r else "-"
 
 
 def write_report(run):
-    lines = [f"# Bootstrapping run `{run.dir.name}`", "", f"Base: `{run.base}`; preset `{run.preset.name}`; seed {run.seed}.",
-             "", "| stage | made / kept (+replay) | metric | value | threshold | passed | minutes | tokens generated | "
-             "tokens trained |", "|---|---|---|---|---|---|---|---|---|"]
-    curves, examples = [], []
+    """report.md: one table built from the eval.json files, a chart per stage and the loss curves (SVG)."""
+    floors, base = floor_results(run), stage_results(run, 0) if (run.stage_dir(0) / "eval.json").exists() else {}
+    lines = [f"# Bootstrapping run `{run.dir.name}`", "",
+             f"Base: `{run.base}`; preset `{run.preset.name}`; seed {run.seed}. Every figure is measured on the test "
+             "split of the stage's own eval set, with its 95% interval; p is the paired test against the base model on "
+             "the same units (exact McNemar; a sign-flip test for the balanced stage-6 score). The floor is the best "
+             "model-free responder (constants, echo, templates, copies, always refusing).", "",
+             "| stage | made / kept (+replay) | metric | floor | base | after | p vs base | gate | minutes "
+             "(data + train + eval) |", "|---|---|---|---|---|---|---|---|---|"]
+    curves, notes, charts = {}, [], []
     for k in range(1, 7):
         p = run.stage_dir(k) / "eval.json"
         if not p.exists():
             continue
         ev = json.loads(p.read_text())
-        dinfo = ev["data"]
-        thr = f"{ev['threshold']:.2f}" if ev["threshold"] is not None else "> stage 5"
-        lines.append(f"| {k} | {dinfo['made']} / {dinfo['kept']} (+{dinfo['replay']}) | {ev['metric']} | "
-                     f"{ev['value']:.3f} | {thr} | {'yes' if ev['passed'] else 'no'} | {ev['minutes']:.1f} | "
-                     f"{dinfo['tokens_generated']} | {ev['tokens_trained']} |")
+        d, m = ev["data"], ev["minutes"]
+        thr = f"{ev['threshold']:.2f}" if ev["threshold"] is not None else "safer than 5"
+        fl = floors[k]
+        lines.append(f"| {k} | {d['made']} / {d['kept']} (+{d['replay']}) | {ev['metric']} | {fl['value']:.3f} | "
+                     f"{fmt(base.get(k))} | {fmt(ev)} | {ev['vs_base']['p']:.2g} | {thr}: "
+                     f"{'**passed**' if ev['passed'] else 'failed'} | {m['data']:.1f} + {m['train']:.1f} + "
+                     f"{m['eval']:.1f} |")
+        chart = f"chart-stage{k}.svg"
+        bars = [("floor", fl["value"], fl["interval"]), ("base", base[k]["value"], base[k]["interval"])] if base else []
+        M._atomic_text(run.dir / chart, svg_bars(f"stage {k}: {ev['metric']} (test)", bars + [
+            (f"stage {k}", ev["value"], ev["interval"])], ev["threshold"]))
+        charts.append(f"![stage {k}]({chart})")
         log = run.stage_dir(k) / "train.jsonl"
-        losses = [r["loss"] for r in read_jsonl(log)] if log.exists() else []
-        if losses:
-            curves.append(f"- stage {k}: `{sparkline(losses)}` {losses[0]:.3f} -> {losses[-1]:.3f} "
-                          f"over {len(losses)} steps")
-        earlier = ", ".join(f"stage-{s} set {r['value']:.3f}" for s, r in ev["results"].items() if int(s) != k)
-        examples.append(f"\n### Stage {k}\n\n{ev['message']}" + (f"; re-checked: {earlier}" if earlier else "") + "\n")
-        for r in read_jsonl(run.stage_dir(k) / "data.jsonl")[:3]:   # the stage's own rows come before its replay
-            examples.append("```json\n" + json.dumps(r, ensure_ascii=False)[:600] + "\n```")
-    lines += ["", "## Loss curves (training loss per step)", ""] + curves + ["", "## Examples with provenance"] + examples
+        if log.exists():
+            curves[f"stage {k}"] = [r["loss"] for r in read_jsonl(log)]
+        notes.append(f"- stage {k}: {ev['message']}")
+    if curves:
+        M._atomic_text(run.dir / "loss.svg", svg_lines("training loss per step", curves))
+    lines += ["", "## Gates", ""] + notes + ["", "## Charts", ""] + charts + (["", "![loss curves](loss.svg)"] if curves else [])
     M._atomic_text(run.dir / "report.md", "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- CLI
 
+
 def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=None, seed=0, device="auto",
                  precision="auto", retries=0, gate=None, argv=None):
     """Run (or resume) the stages; a failed gate raises SystemExit with the metric, value and threshold
-    (gate None: the preset decides)."""
+    (gate None: the preset decides). Without gating, the end says which gates failed and by how much."""
     gate = preset.gate if gate is None else gate
     run = Run(root, name, preset, base or preset.base, seed, device, precision, retries, gate, argv or [])
     print(f"run {run.dir} on {run.device}, base {run.base}\npreset {json.dumps(asdict(preset))}", flush=True)
+    if stages and min(stages) == 1:
+        base_results(run)          # the parent of stage 1, measured once: every stage is compared with it
+    failed = []
     for k in stages:
         if k > 1 and not (run.stage_dir(k - 1) / "eval.json").exists():
             raise SystemExit(f"stage {k} needs stage {k - 1} first (no {run.stage_dir(k - 1) / 'eval.json'})")
@@ -458,12 +588,17 @@ def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=N
         else:
             ev = run_stage(run, k)
             write_report(run)
-            print(f"stage {k}: kept {ev['data']['kept']} of {ev['data']['made']} made (+{ev['data']['replay']} replay), "
-                  f"{ev['message']}, {ev['minutes']:.1f} min", flush=True)
-        if gate and not ev["passed"]:
-            raise SystemExit(f"stage {k} failed its gate: {ev['message']}. See {run.dir / f'stage{k}'}/eval.json; "
-                             "--no-gate goes on anyway; --retries K trains longer before giving up.")
+            print(f"stage {k}: kept {ev['data']['kept']} of {ev['data']['made']} made (+{ev['data']['replay']} "
+                  f"replay), {ev['message']}, {ev['minutes']['total']:.1f} min", flush=True)
+        if not ev["passed"]:
+            failed.append(f"stage {k}: {ev['message']}")
+            if gate:
+                raise SystemExit(f"stage {k} failed its gate: {ev['message']}. See {run.dir / f'stage{k}'}/eval.json; "
+                                 "--no-gate goes on anyway; --retries K trains longer (chosen on the dev split).")
     write_report(run)
+    print(f"report: {run.dir / 'report.md'}")
+    if failed:
+        print("gates not met (recorded, not stopped: --no-gate):\n  " + "\n  ".join(failed), flush=True)
     return run
 
 

@@ -55,14 +55,20 @@ def test_smoke_layout_provenance_report(smoke_run):
         for r in B.read_jsonl(d / f"stage{k}" / "rejected.jsonl"):
             assert r["reason"] and set(r["meta"]["written_by"].values()) <= allowed
         ev = json.loads((d / f"stage{k}" / "eval.json").read_text())
-        assert set(ev) >= {"metric", "value", "threshold", "passed", "n", "results", "attempts", "minutes"}
-        assert set(ev["results"]) == {str(s) for s in B.eval_sets(k)}
+        assert set(ev) >= {"metric", "value", "interval", "threshold", "passed", "n", "results", "attempts",
+                           "minutes", "floor", "vs_base", "split"}
+        assert set(ev["results"]) == {str(s) for s in B.eval_sets(k, smoke_run.preset)}
+        assert ev["split"] == "test" and 0 <= ev["vs_base"]["p"] <= 1 and ev["floor"]["responder"] in E.RESPONDERS
     # the adapter of each stage names its own parent (DESIGN: chained adapters)
     for k in range(2, 7):
         cfg = json.loads((d / f"stage{k}" / "model" / "adapter_config.json").read_text())
         assert Path(cfg["base_model_name_or_path"]) == (d / f"stage{k - 1}" / "model").resolve()
     report = (d / "report.md").read_text()
-    assert report.count("\n| ") == 7 and "Loss curves" in report and report.count("```json") == 18
+    assert report.count("\n| ") == 7 and "![loss curves](loss.svg)" in report
+    for k in range(1, 7):     # a chart per stage: floor, base and the stage's model, with intervals
+        svg = (d / f"chart-stage{k}.svg").read_text()
+        assert svg.startswith("<svg") and svg.count("<rect") == 3 and f"({f'chart-stage{k}.svg'})" in report
+    assert json.loads((d / "stage0" / "eval.json").read_text())["results"].keys() == {str(s) for s in range(1, 7)}
     # stage 6 trained DPO: its log carries the DPO statistics
     assert "rewards/accuracy" in (d / "stage6" / "train.jsonl").read_text()
 
