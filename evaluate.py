@@ -211,7 +211,7 @@ def check_summary(check, ans, item):
     n, size = len(sentences(text)), len(words(text))
     if n > 2:
         return False, f"{n} sentences, expected at most two"
-    if size > 0.6 * len(words(passage)):
+    if size > 0.7 * len(words(passage)):
         return False, f"{size} words: not much shorter than the passage"
     copied = max((rouge_l(a, b) for a in sentences(text) for b in sentences(passage)), default=0.0)
     if copied >= 0.75:
@@ -234,7 +234,7 @@ def check_format(check, ans, item):
           "no_letter": lambda: bool(letters) and value not in ans.lower()}[rule]()
     short = rule in ("max_words", "no_letter")
     return written(check, ans, item["prompt"], None if ok else f"{rule} broken ({n} words)", f"{rule} kept",
-                   need=1 if short else 2)
+                   need=1)
 
 
 GREETING_RE = re.compile(r"\b(?:hello|hi|hey|greetings|good (?:morning|afternoon|evening|day|night)|welcome|thanks?|"
@@ -364,8 +364,15 @@ def check_rating(check, ans, item):
     if not m:
         return False, "no rating from 1 to 5"
     got = int(m.group(1)) if m.group(1) else NUMBER_WORDS[m.group(2).lower()]
+    if re.search(r"\b[1-5]\s*(?:or|-|to|\u2013)\s*[1-5]\b", ans):
+        return False, "gives a range, not one rating"
     return outcome(abs(got - int(check["value"])) <= int(check.get("tolerance", 0)), f"rated {got}", check["value"])
 
+
+
+EXPLAIN_RE = re.compile(r"\b(?:the (?:errors?|mistakes?) (?:are|is|was|were)|should (?:be|say|read) "
+                        r"['\"\u2018\u201c]|the feedback (?:wants|asks|says)|the (?:original|input) (?:text|sentence))\b",
+                        re.I)
 
 
 def check_revision(check, ans, item):
@@ -374,6 +381,8 @@ def check_revision(check, ans, item):
     want the text kept."""
     text = strip_preamble(ans).strip(QUOTES)
     source, t = check["source"], Text(text)
+    if EXPLAIN_RE.search(text):
+        return False, "explains the changes instead of making them"
     refs = [r for r in (item.get("reference"), *item.get("references", []), check.get("reference")) if r]
     missing = [k for k in check.get("must", []) if not t.matches(k)]
     same = rouge_l(text, source)
