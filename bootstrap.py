@@ -49,6 +49,7 @@ class Preset:
     candidates: int = 2               # stage 3: samples per generation task; the first that passes its check is kept
     judge_kinds: int = 3              # stage 4: judging tasks (of 4 kinds) made from each question and answer
     revision_rounds: int = 1          # stage 6: critique/revise rounds per prompt, a fresh principle each round
+    revisions: int = 4                # stage 6: revisions sampled per prompt and round; the stage-4 judge picks one
     stage1_epochs: int = 2
     epochs: int = 2                   # SFT epochs of stages 2-5
     lr: float = 3e-4
@@ -67,6 +68,9 @@ class Preset:
     thresholds: dict = field(default_factory=lambda: dict(E.THRESHOLDS))  # gate of each stage (6: vs stage 5)
     tolerance: float = 0.03           # stage 6 keeps a skill when its stage-1/2 metric drops by less than this
     gate: bool = True                 # a failed gate stops the run (--gate / --no-gate override)
+    warmup: int = 5                   # warmup steps of every training run
+    save_every: int = 25              # checkpoint every this many steps
+    eval_frac: float = 0.05           # training rows held out for the eval loss
 
 
 PRESETS = {
@@ -79,7 +83,7 @@ PRESETS = {
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
                    max_len=512, gen_batch=64, gen_tokens=96, eval_tokens=96),
     # a tiny random model through every code path in about a minute (the tests)
-    "smoke": Preset("smoke", base="tiny", seed_examples=24, n_make=8, oversample=1.0, min_replay=8, stage1_epochs=1,
+    "smoke": Preset("smoke", base="tiny", seed_examples=24, n_make=8, oversample=1.0, min_replay=8, stage1_epochs=1, revisions=2,
                     epochs=1, dpo_epochs=1, lora_r=4, lora_alpha=8, batch_size=4, max_len=96, gen_batch=8,
                     gen_tokens=6, eval_limit=6, eval_tokens=6),
 }
@@ -250,12 +254,21 @@ class Context:
         self.calls += 1  # a different, repeatable sampling seed for every call
         return self.run.ask(k, prompts, temperature, max_new_tokens, seed=self.seed * 1000 + self.calls)
 
-    def prefer(self, k, q_and_pairs):
+    def choose(self, k, prompts, options):
+        """Log-probabilities of each option as the stage-k model's first answer token, per prompt."""
+        return self.run.choose(k, prompts, options)
+
+    def prefer(self, k, q_and_pairs, principles=None):
         """The stage-k judge's preference for the first text of each (question, text, other) over the other, asked
-        "Which is better, A or B?" in both orders; averaging the two log-odds cancels position bias. > 0: prefers it."""
-        ask = [S.judge_prompt("pairwise", q, a, self.rng, other=b) for q, a, b in q_and_pairs]
-        ask += [S.judge_prompt("pairwise", q, b, self.rng, other=a) for q, a, b in q_and_pairs]
-        lp = self.run.choose(k, ask, ["A", "B"])
+        "Which response better follows the principle ..., A or B?" (or plainly "better") in both orders;
+        averaging the two log-odds cancels position bias. > 0: prefers it."""
+        def ask(q, a, b, p):
+            return S.layout("pairwise_principle", principle=p, question=q, a=a, b=b) if p else \
+                S.layout("pairwise", question=q, a=a, b=b)
+        ps = principles or [None] * len(q_and_pairs)
+        asks = [ask(q, a, b, p) for (q, a, b), p in zip(q_and_pairs, ps)]
+        asks += [ask(q, b, a, p) for (q, a, b), p in zip(q_and_pairs, ps)]
+        lp = self.run.choose(k, asks, ["A", "B"])
         n = len(q_and_pairs)
         return [((lp[i][0] - lp[i][1]) + (lp[n + i][1] - lp[n + i][0])) / 2 for i in range(n)]
 
@@ -275,17 +288,28 @@ class Context:
 def replay_rows(run, ctx, k, n_own):
     """Earlier stages' rows mixed in so no skill is lost: SFT rows for stages 2-5, helpfulness pairs for 6."""
     n = max(math.ceil(run.preset.replay * n_own), run.preset.min_replay)
-    if k == 6:
-        return S.preference_replay(ctx, n)
-    pool = [r for j in range(1, k) for r in run.rows(j)]
+    return S.preference_replay(ctx, n) if k == 6 else sft_replay(run, ctx, range(1, k), n)
+
+
+def sft_replay(run, ctx, stages, n):
+    pool = [r for j in stages for r in run.rows(j)]
     picked = ctx.rng.sample(pool, min(n, len(pool)))
     return [{**r, "meta": {**r["meta"], "replay_of": r["meta"].get("stage", 1)}} for r in picked]
 
 
 # ---------------------------------------------------------------- one stage
 
+def sl_rows(run, ctx, pairs):
+    """Constitutional AI's supervised step: every round's revision as the SFT target of its prompt (critiques are
+    never targets), plus a replay of earlier stages' rows so that harmlessness does not cost the old skills."""
+    own = [{"messages": r["prompt"] + r["chosen"], "meta": {**r["meta"], "kind": f"sl_{r['meta']['kind']}"}}
+           for r in pairs if "replay_of" not in r["meta"]]
+    return own + sft_replay(run, ctx, range(1, 6), max(math.ceil(run.preset.replay * len(own)), run.preset.min_replay))
+
+
 def make_data(run, k):
-    """data.jsonl (kept + replay, provenance in meta) and rejected.jsonl (with reasons); made once per stage."""
+    """data.jsonl (kept + replay, provenance in meta) and rejected.jsonl (with reasons); made once per stage.
+    Stage 6 also writes sl.jsonl, the SFT rows of its supervised step."""
     d = run.stage_dir(k)
     if (d / "data.jsonl").exists():
         return json.loads((d / "data_info.json").read_text())
@@ -295,9 +319,18 @@ def make_data(run, k):
     if k == 1 and run.preset.seed_examples:
         kept = ctx.rng.sample(kept, min(run.preset.seed_examples, len(kept)))
     replay = replay_rows(run, ctx, k, len(kept)) if k > 1 else []
+    if k == 6:
+        write_jsonl(d / "sl.jsonl", sl_rows(run, ctx, kept))
     run.unload()
     info = {"made": len(kept) + len(rejected), "kept": len(kept), "replay": len(replay),
             "tokens_generated": run.tokens_generated - tok0, "minutes": (time.time() - t0) / 60}
+    if k == 6:    # what the preference pairs teach: refusals preferred where the request is harmful
+        own = [r for r in kept if r["meta"]["kind"] in ("harmful", "benign")]
+        info.update(chosen_refuses=sum(r["meta"]["chosen_refuses"] for r in own),
+                    rejected_complies=sum(r["meta"]["rejected_complies"] for r in own),
+                    harmful_pairs=sum(r["meta"]["kind"] == "harmful" for r in own),
+                    benign_pairs=sum(r["meta"]["kind"] == "benign" for r in own),
+                    helpful_pairs=sum(r["meta"].get("rejected_is") == "refusal" for r in replay))
     write_jsonl(d / "rejected.jsonl", rejected)
     write_json(d / "data_info.json", info)
     write_jsonl(d / "data.jsonl", kept + replay)   # last: its existence marks the data as done
@@ -307,27 +340,34 @@ def make_data(run, k):
 def check_contamination(run, k):
     """Stop before training when a row shares an eval item's content (its question, its shown answer, a
     content n-gram): every hit is listed with its line, so it can be fixed at the source."""
-    path = run.stage_dir(k) / "data.jsonl"
-    hits = E.contamination(read_jsonl(path), run.eval_items)
-    if hits:
-        shown = "; ".join(f"line {h['train_index'] + 1} ~ {h['eval_id']} ({h['ngram']!r})" for h in hits[:12])
-        raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts in {path}: {shown}"
-                         f"{' ...' if len(hits) > 12 else ''}. Remove them from the training data; eval prompts "
-                         "must stay unseen.")
+    for path in (run.stage_dir(k) / "data.jsonl", run.stage_dir(k) / "sl.jsonl"):
+        hits = E.contamination(read_jsonl(path), run.eval_items) if path.exists() else []
+        if hits:
+            shown = "; ".join(f"line {h['train_index'] + 1} ~ {h['eval_id']} ({h['ngram']!r})" for h in hits[:12])
+            raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts in {path}: "
+                             f"{shown}{' ...' if len(hits) > 12 else ''}. Remove them from the training data; "
+                             "eval prompts must stay unseen.")
 
 
 def train_stage(run, k, rows, attempt):
-    """A fresh LoRA on the previous stage's merged model; SFT for stages 1-5, DPO for stage 6."""
+    """A fresh LoRA on the previous stage's merged model; SFT for stages 1-5. Stage 6 is Constitutional AI's two
+    steps: SFT on the revisions (stage6/sl), then DPO with a fresh adapter on that model."""
     p = run.preset
-    out = run.stage_dir(k) / "model"
-    common = dict(base=str(run.model_dir(k - 1)), out=str(out), lora_r=p.lora_r, lora_alpha=p.lora_alpha,
-                  batch_size=p.batch_size, max_len=p.max_len, precision=run.precision, seed=run.seed,
-                  device=run.device, warmup=5, save_every=25, eval_frac=0.05, log=str(run.stage_dir(k) / "train.jsonl"))
+    common = dict(lora_r=p.lora_r, lora_alpha=p.lora_alpha, batch_size=p.batch_size, max_len=p.max_len,
+                  precision=run.precision, seed=run.seed, device=run.device, warmup=p.warmup,
+                  save_every=p.save_every, eval_frac=p.eval_frac)
+    grow = attempt + 1                    # a retry trains longer from the same parent
     if k == 6:
-        cfg = train_dpo.DPOConfig(**common, epochs=p.dpo_epochs * (attempt + 1), lr=p.dpo_lr, beta=p.dpo_beta)
+        sl = run.stage_dir(6) / "sl"
+        train_sft.train(train_sft.SFTConfig(**common, base=str(run.model_dir(5)), out=str(sl), epochs=p.epochs * grow,
+                                            lr=p.lr, log=str(sl / "train.jsonl")), read_jsonl(run.stage_dir(6) / "sl.jsonl"))
+        free()
+        cfg = train_dpo.DPOConfig(**common, base=str(sl), out=str(run.stage_dir(6) / "model"), epochs=p.dpo_epochs * grow,
+                                  lr=p.dpo_lr, beta=p.dpo_beta, log=str(run.stage_dir(6) / "train.jsonl"))
         return train_dpo.train(cfg, rows)
-    epochs = (p.stage1_epochs if k == 1 else p.epochs) * (attempt + 1)
-    return train_sft.train(train_sft.SFTConfig(**common, epochs=epochs, lr=p.lr), rows)
+    epochs = (p.stage1_epochs if k == 1 else p.epochs) * grow
+    return train_sft.train(train_sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(run.stage_dir(k) / "model"),
+                                               epochs=epochs, lr=p.lr, log=str(run.stage_dir(k) / "train.jsonl")), rows)
 
 
 def eval_sets(k, preset):

@@ -1,18 +1,21 @@
-"""How each stage makes its training data with the models of the earlier stages (DESIGN.md, Stage contracts).
+"""How each stage makes its training data with the models of the earlier stages.
 
 Each `make_stageN(ctx)` returns (kept, rejected). Kept rows are SFT lines (stages 1-5) or DPO lines (stage 6)
-whose `meta` names the model that wrote each field; rejected rows carry the filter's reason. `ctx.ask(k, prompts)`
-answers prompts with the stage-k model (k = 0 is the base). Labels and answers that can be known (arithmetic,
-labels of constructed defects, clean originals) come from construction, never from a model's say-so.
+whose `meta.written_by` names who wrote each field: human, constructed (code), parser, or stageK-model.
+Rejected rows carry the filter's reason. `ctx.ask(k, prompts)` answers prompts with the stage-k model
+(k = 0 is the base). Labels come from checkable truth (a human key, a parser, the fact that a reply refuses)
+and never from a model's say-so; a model's verdict may only filter.
 """
 import json
 import re
 from pathlib import Path
 
 import evaluate as E
+from text import Text, rouge_l, sentences, strip_preamble, unwrap, words
 
 DATA = Path(__file__).resolve().parent / "data"
 TEMPLATES = json.loads((DATA / "templates.json").read_text())
+LAYOUT = TEMPLATES["layouts"]
 
 
 def read_data(name):
@@ -25,35 +28,39 @@ def read_data(name):
 # ---------------------------------------------------------------- rows and filters
 
 def sft_row(prompt, answer, stage, kind, prompt_by, answer_by, by=None, **meta):
-    """One SFT line; `prompt_by` / `answer_by` (and `by`, for critiques and judges) say who wrote what:
-    human, constructed (by code), parser, or stageK-model."""
+    """One SFT line. `prompt_by` / `answer_by` (and `by` for critiques, judges, problems) say who wrote
+    each field: human, constructed (code), parser, or stageK-model; `source` is who wrote the answer text."""
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "meta": {"stage": stage, "kind": kind,   # source: whose text the row carries (labels and sums are code's)
-                     "source": prompt_by if answer_by in ("constructed", "parser") else answer_by,
+            "meta": {"stage": stage, "kind": kind, "source": answer_by,
                      "written_by": {"prompt": prompt_by, "response": answer_by, **(by or {})}, **meta}}
 
 
 def first_line(text):
     """The first non-empty line, without a 'Question:'-style label and outer quotes."""
     line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
-    return E.unwrap(line).strip()
+    return unwrap(line).strip()
 
 
 def first_sentence(text):
-    s = E.sentences(first_line(text))
+    s = sentences(first_line(text))
     return s[0].strip() if s else ""
 
 
 def topic_words(topic):
     """Words that show a text is about the topic: its content words, singular and plural."""
     stop = {"the", "a", "an", "and", "of", "for", "to", "in", "on", "with", "how", "your", "my"}
-    ws = [w for w in E.words(topic) if w not in stop and len(w) > 2]
+    ws = [w for w in words(topic) if w not in stop and len(w) > 2]
     return sorted({w for x in ws for w in (x, x.rstrip("s"))} or {topic.lower()})
 
 
+def passes(check, prompt, text):
+    return E.score({"id": "gen", "check": check, "prompt": prompt}, text)
+
+
 class Keeper:
-    """Collects one stage's rows: drops duplicates and rows too close to a kept one (Self-Instruct novelty,
-    ROUGE-L >= 0.7 within a kind), and records every drop with its reason."""
+    """Collects one stage's rows: drops exact duplicates (same prompt and answer) and rows too close to a kept
+    one (Self-Instruct novelty, ROUGE-L >= 0.7 within a kind), and records every drop with its reason.
+    A second round's revision of the same prompt is a new answer, so it is kept."""
 
     def __init__(self):
         self.kept, self.rejected, self.seen, self.texts = [], [], set(), {}
@@ -62,13 +69,14 @@ class Keeper:
         self.rejected.append({**row, "reason": reason})
 
     def add(self, row, novel_text=None):
-        key = " ".join(E.words((row.get("messages") or row.get("prompt"))[0]["content"]))   # the user's prompt
+        msgs = row.get("messages") or row["prompt"] + row["chosen"]
+        key = tuple(" ".join(words(m["content"])) for m in msgs)
         if key in self.seen:
             return self.reject(row, "duplicate")
         if novel_text is not None:
             kind = row["meta"]["kind"]
             for t in self.texts.get(kind, []):
-                if (r := E.rouge_l(novel_text, t)) >= E.NOVELTY:
+                if (r := rouge_l(novel_text, t)) >= E.NOVELTY:
                     return self.reject(row, f"not novel: ROUGE-L {r:.2f} against a kept {kind}")
             self.texts.setdefault(kind, []).append(novel_text)
         self.seen.add(key)
@@ -82,11 +90,29 @@ class Keeper:
         return self.kept, self.rejected
 
 
-def passes(check, prompt, text):
-    return E.score({"check": check, "prompt": prompt}, text)
+def layout(name, **fields):
+    return LAYOUT[name].format(**fields)
 
 
-# ---------------------------------------------------------------- arithmetic by a parser: model text is never run
+def decline_prompt(request, rng):
+    """An explicit instruction to decline (the skill stage 1 learns from the seed) around a request."""
+    return rng.choice(TEMPLATES["decline"]).format(request=request)
+
+
+def is_good_refusal(text):
+    """A short refusal that offers something instead: what the seed teaches a declining answer to be."""
+    return E.is_refusal(text) and 4 <= len(words(text)) <= 70 and not E.PIVOT_RE.search(text)
+
+
+def few_shot(name, prompt):
+    """The prompt after human-written worked examples (data/templates.json): without them small models copy the
+    text they are asked to revise, or open with 'Sure, here is...' (Hugging Face's CAI recipe)."""
+    demos = [{"role": role, "content": text} for user, answer in TEMPLATES[name]
+             for role, text in (("user", user), ("assistant", answer))]
+    return demos + [{"role": "user", "content": prompt}]
+
+
+# ---------------------------------------------------------------- known answers
 
 OPS = {"+": ("+", "plus", lambda a, b: a + b), "-": ("-", "minus", lambda a, b: a - b),
        "*": ("\u00d7", "times", lambda a, b: a * b), "/": ("\u00f7", "divided by", lambda a, b: a // b)}
@@ -95,7 +121,8 @@ ARITH_RE = re.compile(r"(\d{1,4})\s*(\+|-|\u2212|\*|x|\u00d7|/|\u00f7|plus|minus
 
 
 def parse_arithmetic(text):
-    """(a, op, b, result) of the first 'a op b' in the text, or None; division only when it is exact."""
+    """(a, op, b, result) of the first 'a op b' in the text, or None; division only when it is exact.
+    Model text is parsed, never run."""
     m = ARITH_RE.search(text)
     if not m:
         return None
@@ -112,6 +139,27 @@ def arithmetic_prompt(a, op, b, rng):
     return rng.choice(TEMPLATES["arithmetic_forms"]).format(a=a, b=b, sym=sym, word=word)
 
 
+def seed_questions(ctx):
+    """(question, gold answer, key words) from the human seed's question-answering rows: the key is what the
+    gold answer says that the question does not ('Paris' for the capital of France)."""
+    out = []
+    for r in ctx.seed_rows:
+        if r["meta"].get("kind") not in ("answer_question", "define_word", "translate_word", "give_example"):
+            continue
+        prompt, gold = r["messages"][0]["content"], r["messages"][1]["content"]
+        q = next((s for s in re.split(r"(?<=[.!?:])\s+", prompt) if s.endswith("?")), None)
+        key = sorted({w for w in words(gold) if w not in words(prompt) and w not in E.STOP_WORDS and len(w) > 2})
+        if q and key and len(key) <= 4:
+            out.append((q, gold, key))
+    return out
+
+
+def agrees(answer, key):
+    """The answer states every key word of the gold answer (not denied)."""
+    t = Text(answer)
+    return all(t.states(k) for k in key)
+
+
 # ---------------------------------------------------------------- stage 1: the human seed
 
 def make_stage1(ctx):
@@ -121,207 +169,269 @@ def make_stage1(ctx):
 
 # ---------------------------------------------------------------- stage 2: implicit prompts from the stage-1 model
 
-def make_stage2(ctx):
-    """The stage-1 model, told explicitly, writes implicit prompts and answers them through explicit wrappers."""
-    rng, keep, n, W = ctx.rng, Keeper(), ctx.preset.n_make, "stage1-model"
-    share = {"question": 0.3, "completion": 0.2, "greeting": 0.15, "arithmetic": 0.2, "yes_no": 0.15}
-    m = {k: max(2, round(v * n * ctx.preset.oversample)) for k, v in share.items()}
-    T = TEMPLATES["stage2"]
-
-    # questions about topics, then "Answer this question: ..."
-    ts = ctx.topics(m["question"] + m["yes_no"] + m["completion"])
-    qs = ctx.ask(1, [rng.choice(T["write_question"]).format(topic=t) for t in ts[:m["question"]]], temperature=0.8)
-    yn = ctx.ask(1, [rng.choice(T["write_yes_no"]).format(topic=t) for t in ts[m["question"]:m["question"] + m["yes_no"]]],
-                 temperature=0.8)
-    qs, yn = [first_line(q) for q in qs], [first_line(q) for q in yn]
-    ans = ctx.ask(1, [f"Answer this question: {q}" for q in qs] + [f"Answer yes or no: {q}" for q in yn])
-    for i, (q, a) in enumerate(zip(qs + yn, ans)):
-        kind = "question" if i < len(qs) else "yes_no"
-        row = sft_row(q, a.strip(), 2, kind, W, W, via="Answer this question" if kind == "question" else "Answer yes or no")
-        if not q.endswith("?") or len(E.words(q)) < 3:
+def stage2_questions(ctx, keep, n_open, n_keyed, n_yes_no):
+    """The stage-1 model writes questions, then answers each through an explicit wrapper; questions with a
+    human key (the seed's) keep only answers that agree with it."""
+    rng, W, T = ctx.rng, "stage1-model", TEMPLATES["stage2"]
+    ts = ctx.topics(n_open + n_yes_no)
+    qs = [first_line(q) for q in ctx.ask(1, [rng.choice(T["write_question"]).format(topic=t)
+                                             for t in ts[:n_open]], temperature=0.8)]
+    yn = [first_line(q) for q in ctx.ask(1, [rng.choice(T["write_yes_no"]).format(topic=t)
+                                             for t in ts[n_open:]], temperature=0.8)]
+    keyed = rng.sample(seed_questions(ctx), min(n_keyed, len(seed_questions(ctx))))
+    asked = qs + yn + [q for q, _, _ in keyed]
+    wrap = [rng.choice(TEMPLATES["answer"]).format(question=q) for q in qs] + \
+        [f"Answer yes or no: {q}" for q in yn] + [rng.choice(TEMPLATES["answer"]).format(question=q) for q, _, _ in keyed]
+    answers = ctx.ask(1, wrap)
+    for i, (q, a) in enumerate(zip(asked, answers)):
+        a = a.strip()
+        kind = "question" if i < len(qs) else "yes_no" if i < len(qs) + len(yn) else "keyed_question"
+        row = sft_row(q, a, 2, kind, "human" if kind == "keyed_question" else W, W, via=wrap[i].split(":")[0])
+        if not q.endswith("?") or len(words(q)) < 3:
             keep.reject(row, "prompt is not a question")
         elif kind == "yes_no" and E.yes_or_no(a) not in ("yes", "no"):
             keep.reject(row, "answer is not a clear yes or no")
-        elif not E.words(a) or E.is_echo(q, a) or E.is_refusal(a):
+        elif kind == "keyed_question" and not agrees(a, keyed[i - len(qs) - len(yn)][2]):
+            keep.reject(row, f"disagrees with the seed's answer ({keyed[i - len(qs) - len(yn)][1]})")
+        elif not words(a) or E.is_echo(q, a) or E.is_refusal(a):
             keep.reject(row, "answer empty, echoed or refused")
-        elif len(E.words(a)) > 60:
+        elif len(words(a)) > 60:
             keep.reject(row, "answer longer than 60 words")
         else:
             keep.add(row, novel_text=q)
 
-    # completions: the model's own fact, cut in half; the answer is the whole sentence (known by construction)
-    ts = ts[m["question"] + m["yes_no"]:]
-    facts = ctx.ask(1, [rng.choice(T["write_fact"]).format(topic=t) for t in ts], temperature=0.7)
+
+def stage2_completions(ctx, keep, n):
+    """The model's own one-sentence fact, cut in half: the second half is known by construction."""
+    rng, W = ctx.rng, "stage1-model"
+    ts = ctx.topics(n)
+    facts = ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_fact"]).format(topic=t) for t in ts], temperature=0.7)
     for t, f in zip(ts, facts):
         s = first_sentence(f)
         w = s.split()
-        row = sft_row(" ".join(w[:max(2, len(w) // 2)]) + "...", s, 2, "completion", W, W, via="its own fact, halved")
+        row = sft_row(" ".join(w[:max(2, len(w) // 2)]) + "...", s, 2, "completion", "constructed", W,
+                      via="its own fact, halved")
         if len(w) < 6 or not s.endswith(".") or not E.mentions(s, topic_words(t)):
             keep.reject(row, "fact is not one on-topic sentence of 6+ words")
         else:
             keep.add(row, novel_text=s)
 
-    # greetings: half from the human list, half written by the model; answered via "Respond to this greeting"
-    human = rng.sample(ctx.topics_file["greetings"], min(m["greeting"] // 2, len(ctx.topics_file["greetings"])))
-    made = [first_line(g) for g in ctx.ask(1, [rng.choice(T["write_greeting"]) for _ in range(m["greeting"] - len(human))],
-                                           temperature=1.0)]
+
+def stage2_greetings(ctx, keep, n):
+    """Greetings (half from the human list, half written by the model), answered via an explicit wrapper."""
+    rng, W = ctx.rng, "stage1-model"
+    human = rng.sample(ctx.topics_file["greetings"], min(n // 2, len(ctx.topics_file["greetings"])))
+    made = [first_line(g) for g in ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_greeting"])
+                                               for _ in range(n - len(human))], temperature=1.0)]
     gs = human + made
     replies = ctx.ask(1, [f"Respond to this greeting: {g}" for g in gs])
     for i, (g, a) in enumerate(zip(gs, replies)):
         row = sft_row(g, a.strip(), 2, "greeting", "human" if i < len(human) else W, W, via="Respond to this greeting")
-        if not g or len(E.words(g)) > 14:
+        if not g or len(words(g)) > 14:
             keep.reject(row, "greeting empty or longer than 14 words")
         elif not (ok := passes({"type": "greeting"}, g, a))[0]:
             keep.reject(row, f"reply: {ok[1]}")
         else:
             keep.add(row, novel_text=g)
 
-    # arithmetic: the model writes a problem; a parser (never eval) computes the answer
-    probs = ctx.ask(1, [rng.choice(T["write_arithmetic"]) for _ in range(m["arithmetic"])], temperature=1.0)
+
+def stage2_arithmetic(ctx, keep, n):
+    """The model writes a problem; a parser (never eval) reads its numbers and computes the answer; the prompt is
+    put in one of several implicit forms by code."""
+    rng = ctx.rng
+    probs = ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"]) for _ in range(n)], temperature=1.0)
     for p in probs:
         parsed = parse_arithmetic(p)
         if parsed is None:
-            keep.reject(sft_row(p.strip(), "", 2, "arithmetic", W, "parser"), "no exact 'a op b' problem found")
+            keep.reject(sft_row(p.strip(), "", 2, "arithmetic", "stage1-model", "parser"),
+                        "no exact 'a op b' problem found")
             continue
         a, op, b, r = parsed
-        keep.add(sft_row(arithmetic_prompt(a, op, b, rng), f"{a} {OPS[op][0]} {b} = {r}.", 2, "arithmetic", W,
-                         "parser", problem_text=p.strip()[:200]))
+        keep.add(sft_row(arithmetic_prompt(a, op, b, rng), f"{a} {OPS[op][0]} {b} = {r}.", 2, "arithmetic",
+                         "constructed", "parser", by={"problem": "stage1-model"}, problem_text=p.strip()[:200]))
+
+
+def make_stage2(ctx):
+    """The stage-1 model, told explicitly, writes implicit prompts and answers them through explicit wrappers."""
+    m = round(ctx.preset.n_make * ctx.preset.oversample)
+    share = lambda x: max(2, round(x * m))                       # noqa: E731
+    keep = Keeper()
+    stage2_questions(ctx, keep, share(0.2), share(0.15), share(0.15))
+    stage2_completions(ctx, keep, share(0.15))
+    stage2_greetings(ctx, keep, share(0.15))
+    stage2_arithmetic(ctx, keep, share(0.2))
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 3: generation tasks fulfilled by the stage-2 model
+# ---------------------------------------------------------------- stage 3: generation tasks from the stage-2 model
+
+def written_problem(check_type, instruction, text):
+    """Why a generated text fails its kind (None when it passes): the eval's scorer for the eval's kinds, and for
+    the wider kinds a text that is on topic, adds content and is not a refusal or a lecture."""
+    if check_type in E.SCORERS:
+        ok, why = passes({"type": check_type}, instruction, text)
+        return None if ok else why
+    if E.is_refusal(text) or not 3 <= len(words(text)) <= 60:
+        return "refuses, or not 3-60 words"
+    return None if E.new_content(text, instruction) else "adds nothing to the instruction"
+
 
 def make_stage3(ctx):
-    """Generation instructions across kinds and topics (human forms; half reworded by the stage-2 model),
-    fulfilled by the stage-2 model; kept when the output is of the right kind, on topic and novel."""
+    """The stage-2 model writes generation instructions of many kinds (shown two human examples of the kind,
+    as Self-Instruct prompts with a mix of seed tasks), kept when they are instructions on topic and novel
+    (ROUGE-L < 0.7 against every kept instruction); then it fulfils them, and a sample is kept when it is of
+    the asked kind, on topic and novel."""
     rng, keep, W = ctx.rng, Keeper(), "stage2-model"
     kinds = ctx.topics_file["generation_kinds"]
     m = round(ctx.preset.n_make * ctx.preset.oversample)
     tasks = [(kinds[i % len(kinds)], t) for i, t in enumerate(ctx.topics(m))]
-    instr = [rng.choice(k["instruction_forms"]).format(topic=t) for k, t in tasks]
-    half = list(range(0, m, 2))
-    reworded = ctx.ask(2, [f"Rewrite this instruction in different words: {instr[i]}" for i in half], temperature=0.7)
-    by = ["human"] * m
-    for i, r in zip(half, reworded):
-        r = first_line(r)
-        t = tasks[i][1]
-        still_instruction = passes({"type": "instruction", "topic": topic_words(t)}, instr[i], r)[0]
-        if still_instruction and len(E.words(r)) <= 25 and E.rouge_l(r, instr[i]) < 0.9:
-            instr[i], by[i] = r, W
-    # rejection sampling: `candidates` samples per task, the first that passes the kind and topic check is kept
-    samples = [ctx.ask(2, instr, temperature=0.8) for _ in range(ctx.preset.candidates)]
-    for i, ((k, t), ins, who) in enumerate(zip(tasks, instr, by)):
-        for j, out in enumerate(s[i] for s in samples):
-            text = first_line(out) if k["kind"] != "help_request" else E.unwrap(out.strip())
-            row = sft_row(ins, text, 3, k["kind"], who, W, topic=t, candidate=j + 1)
-            ok, why = passes({"type": k["kind"], "topic": topic_words(t)}, ins, text)
-            if ok and len(E.words(text)) > 60:
-                ok, why = False, "longer than 60 words"
-            if ok:
-                break
-        if ok:
-            keep.add(row, novel_text=text)
+    asks = []
+    for k, t in tasks:
+        other = rng.sample(ctx.topics_file["topics"], 2)
+        demos = [f.format(topic=o) for f, o in zip(rng.sample(k["instruction_forms"], 2), other)]
+        asks.append(f"Here are two instructions:\n1. {demos[0]}\n2. {demos[1]}\nWrite one more instruction of the "
+                    f"same kind, about {t}. Reply with the instruction only.")
+    made = [first_line(x) for x in ctx.ask(2, asks, temperature=0.8)]
+    instr, kept_instr = [], []
+    for (k, t), ins in zip(tasks, made):
+        row = sft_row(ins, "", 3, k["kind"], W, W, topic=t)
+        if not E.mentions(ins, topic_words(t)) or len(words(ins)) > 30 or len(words(ins)) < 3:
+            keep.reject(row, "instruction off topic, or not 3-30 words")
+        elif not (E.is_instruction(ins) or ins.rstrip().endswith("?")):
+            keep.reject(row, "not an instruction")
+        elif any(rouge_l(ins, x) >= E.NOVELTY for x in kept_instr):
+            keep.reject(row, "instruction not novel (ROUGE-L >= 0.7 against a kept one)")
         else:
+            kept_instr.append(ins)
+            instr.append((k, t, ins))
+    # rejection sampling: `candidates` samples per task, the first that passes its kind's check is kept
+    samples = [ctx.ask(2, [ins for _, _, ins in instr], temperature=0.8) for _ in range(ctx.preset.candidates)]
+    for i, (k, t, ins) in enumerate(instr):
+        for j, out in enumerate(s[i] for s in samples):
+            text = first_line(out) if k["check"] != "help_request" else unwrap(out.strip())
+            row = sft_row(ins, text, 3, k["kind"], W, W, topic=t, candidate=j + 1)
+            why = written_problem(k["check"], ins, text) or \
+                (None if E.mentions(text, topic_words(t)) else "off topic")
+            if not why:
+                break
+        if why:
             keep.reject(row, why)
+        else:
+            keep.add(row, novel_text=text)
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 4: judgments with labels known by construction
+# ---------------------------------------------------------------- stage 4: judging real answers, labelled by truth
 
-def truncate(text, rng):
-    w = text.split()
-    return " ".join(w[:max(2, len(w) // 2 - rng.randint(0, 2))]).rstrip(".,;:!?")
-
-
-def qa_pool(ctx, stage, n):
-    """(topic, question, answer) written by the stage-k model, kept where the question is a question and the
-    answer is a non-empty, non-echoed, non-refusing reply."""
-    ts = ctx.topics(n)
-    qs = [first_line(q) for q in ctx.ask(stage, [f"Generate a question about {t}." for t in ts], temperature=0.8)]
-    ans = ctx.ask(stage, qs)
+def answer_pool(ctx, k):
+    """(kind, question, response, truth) from the stage-k model's own answers: seed questions checked against
+    the human key, arithmetic checked by a parser, harmful requests it complied with (violations) or declined
+    when told to (refusals that follow the harm principles), benign requests it helped with or declined."""
+    rng, n = ctx.rng, max(4, round(ctx.preset.n_make * ctx.preset.oversample / 4))
     pool = []
-    for t, q, a in zip(ts, qs, ans):
-        a = a.strip()
-        if q.endswith("?") and 4 <= len(E.words(a)) <= 60 and not E.is_echo(q, a) and not E.is_refusal(a):
-            pool.append((t, q, a))
+    keyed = rng.sample(seed_questions(ctx), min(n, len(seed_questions(ctx))))
+    for (q, gold, key), a in zip(keyed, ctx.ask(k, [q for q, _, _ in keyed], temperature=0.7)):
+        if words(a) and not E.is_refusal(a):
+            pool.append(("fact", q, a.strip(), agrees(a, key), gold))
+    probs = [parse_arithmetic(p) for p in ctx.ask(k, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"])
+                                                      for _ in range(n)], temperature=1.0)]
+    probs = [(arithmetic_prompt(a, op, b, rng), r) for a, op, b, r in filter(None, probs)]
+    for (q, r), a in zip(probs, ctx.ask(k, [q for q, _ in probs])):
+        got = E.answer_number(a)
+        if got is not None:
+            pool.append(("arithmetic", q, a.strip(), got == r, f"{q.rstrip('?= ')} = {r}."))
+    harmful, benign = user_requests(ctx, k, n)
+    direct = ctx.ask(k, harmful + benign)
+    declined = ctx.ask(1, [decline_prompt(q, rng) for q in harmful + benign])
+    for i, q in enumerate(harmful + benign):
+        bad = i < len(harmful)
+        if not E.is_refusal(direct[i]) and len(words(direct[i])) >= 4:
+            pool.append(("harmful" if bad else "benign", q, direct[i].strip(), not bad, None))
+        if is_good_refusal(declined[i]):
+            pool.append(("harmful" if bad else "benign", q, declined[i].strip(), bad, None))
     return pool
 
 
-def judge_prompt(kind, q, r, rng, other=None, principle=None):
-    """The judging prompt of each stage-4 kind, in the eval set's layout (data/eval/stage4.jsonl)."""
-    if kind == "answer_correct":
-        return f"Is this answer correct?\nQuestion: {q}\nAnswer: {r}\nReply yes or no."
-    if kind == "response_helpful":
-        return f"Is this response helpful?\nQuestion: {q}\nResponse: {r}\nReply yes or no."
-    if kind == "principle_violation":
-        return f"Does this response violate the principle \"{principle}\"?\nQuestion: {q}\nResponse: {r}\nReply yes or no."
-    if kind == "rating":
-        return ("Rate this response from 1 to 5, where 5 means correct, complete and polite, and 1 means wrong, rude "
-                f"or useless. Reply with one number.\nQuestion: {q}\nResponse: {r}")
-    return f"Which is better, A or B?\nQuestion: {q}\nA: {r}\nB: {other}\nReply A or B."
+def user_requests(ctx, k, n):
+    """Harmful requests (red-team topics) and benign ones written by the stage-k model from worked examples."""
+    rng, red = ctx.rng, ctx.topics_file["redteam_topics"]
+    asks = [rng.choice(TEMPLATES["stage6"]["redteam"]).format(topic=rng.choice(red)) for _ in range(n)]
+    asks += [rng.choice(TEMPLATES["stage6"]["benign"]).format(topic=t) for t in ctx.topics(n)]
+    made = [unwrap(p.strip()).split("\n")[0].strip() for p in
+            ctx.ask(k, [few_shot("redteam_demos", a) for a in asks], temperature=0.8)]
+    ok = [(i, p) for i, p in enumerate(made) if len(words(p)) >= 4 and not E.is_refusal(p)]
+    return [p for i, p in ok if i < n], [p for i, p in ok if i >= n]
 
 
-def defects(q, a, pool, rng):
-    """Flawed versions of a good answer: (text, defect, rating 1-5, reason)."""
-    others = [x[2] for x in pool if x[1] != q]
-    return [(truncate(a, rng), "truncated", 2, "It stops in the middle and leaves the answer unfinished."),
-            (rng.choice(others) if others else truncate(a, rng), "off_topic", 1, "It does not answer the question."),
-            (rng.choice(TEMPLATES["rude"]), "rude", 1, "It is rude and gives no help."),
-            (rng.choice(TEMPLATES["rude_openers"]) + " " + a, "rude_opener", 3, "It answers, but the tone is rude.")]
+HARM = [p for p in read_data("constitution.json")["principles"] if p["applies_to"] == "harmful"]
+HELP = [p for p in read_data("constitution.json")["principles"] if p["applies_to"] == "benign"]
+PRINCIPLE_TEXT = {"harmful": "Do not help anyone cause harm; decline and offer a safe alternative.",
+                  "benign": "Help with harmless requests directly, without needless refusals.",
+                  "fact": "Only state facts that are true.", "arithmetic": "Only state facts that are true."}
+
+
+def judgements(kind, q, a, good, why, rng):
+    """The judging rows one (question, response, truth) makes: yes/no questions, a rubric rating."""
+    rows = []
+    if kind in ("fact", "arithmetic"):
+        rows.append(("answer_correct", layout("answer_correct", question=q, response=a),
+                     "Yes. The answer is correct." if good else f"No. {why or 'The answer is wrong.'}"))
+    helpful = "Yes. It answers the question." if good else \
+        ("No. It refuses a harmless request." if kind == "benign" else "No. " + ("It helps with something harmful."
+                                                                                 if kind == "harmful" else "It is wrong."))
+    if kind == "harmful":
+        helpful = None       # 'helpful' to a harmful request is the wrong question: ask about the principle
+    if helpful:
+        rows.append(("response_helpful", layout("response_helpful", question=q, response=a), helpful))
+    rows.append(("principle_violation", layout("principle_violation", principle=PRINCIPLE_TEXT[kind], question=q,
+                                               response=a),
+                 "No. The response follows the principle." if good else "Yes. " + {
+                     "harmful": "It helps with something that could hurt people.",
+                     "benign": "It refuses a harmless request.", "fact": "It states something false.",
+                     "arithmetic": "It states a wrong result."}[kind]))
+    stars = 5 if good else {"harmful": 1, "benign": 2, "fact": 1, "arithmetic": 1}[kind]
+    rows.append(("rating", layout("rating", question=q, response=a), str(stars)))
+    return rows
 
 
 def make_stage4(ctx):
-    """The stage-3 model writes questions and answers; defects are made by code, so every label is known."""
-    rng, keep, W = ctx.rng, Keeper(), "stage3-model"
-    P = TEMPLATES["principles_by_defect"]
-    pool = qa_pool(ctx, 3, round(ctx.preset.n_make * ctx.preset.oversample))
-    probs = [parse_arithmetic(p) for p in ctx.ask(3, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"])
-                                                      for _ in range(max(4, ctx.preset.n_make // 4))], temperature=1.0)]
-    jobs = [(t, q, a, kind) for t, q, a in pool   # labels are free: each answer serves several judging kinds
-            for kind in rng.sample(["response_helpful", "principle_violation", "rating", "pairwise"], ctx.preset.judge_kinds)]
-    for t, q, a, kind in jobs:
-        bad, defect, stars, reason = rng.choice(defects(q, a, pool, rng))
-        good = rng.random() < 0.5
-        if kind == "response_helpful":
-            r = a if good or defect == "rude_opener" else bad
-            label = "Yes. It answers the question." if r == a else f"No. {reason}"
-            prompt = judge_prompt(kind, q, r, rng)
-        elif kind == "principle_violation":
-            principle = P[defect] if not good else rng.choice(list(P.values()))
-            r = bad if not good else a
-            label = f"Yes. {reason}" if not good else "No. The response follows the principle."
-            prompt = judge_prompt(kind, q, r, rng, principle=principle)
-        elif kind == "rating":
-            r, label = (a, "5") if good else (bad, str(stars))
-            prompt = judge_prompt(kind, q, r, rng)
-        else:  # both orders over the set: the good answer is A half the time
-            prompt = judge_prompt(kind, q, a if good else bad, rng, other=bad if good else a)
-            label = "A" if good else "B"
-        keep.add(sft_row(prompt, label, 4, kind, W, "constructed", defect=None if good and kind != "pairwise" else defect,
-                         topic=t))
-    for p in probs:   # is this answer correct: the parser knows the truth; a wrong answer is off by a little
-        if p is None:
-            continue
-        a, op, b, r = p
-        q = arithmetic_prompt(a, op, b, rng)
-        right = rng.random() < 0.5
-        shown = r if right else r + rng.choice([-10, -2, -1, 1, 2, 3, 10])
-        label = "Yes." if right else f"No. The correct answer is {r}."
-        keep.add(sft_row(judge_prompt("answer_correct", q, f"{a} {OPS[op][0]} {b} = {shown}.", rng), label, 4,
-                         "answer_correct", W, "parser"))
-    facts = [r for r in ctx.seed_rows if r["meta"].get("kind") == "answer_question"]
-    for row in rng.sample(facts, min(len(facts), max(4, ctx.preset.n_make // 3))):  # facts: human answers
-        q, a = row["messages"][0]["content"].partition(":")[2].strip(), row["messages"][1]["content"]
-        swapped = rng.choice([r for r in facts if r is not row] or [None])
-        swapped = swapped and swapped["messages"][1]["content"]
-        right = rng.random() < 0.5 or swapped is None
-        label = "Yes." if right else "No. That answers a different question."
-        keep.add(sft_row(judge_prompt("answer_correct", q, a if right else swapped, rng), label, 4, "answer_correct",
-                         "human", "constructed"))
+    """The stage-3 model's own answers, judged by what is checkable: right or wrong against a human key or a
+    parser, compliance with a harmful request (a violation), a refusal of a benign one (unhelpful). Labels are
+    balanced per judging kind; A/B pairs are asked in both orders, with the principle that applies."""
+    rng, keep = ctx.rng, Keeper()
+    pool = answer_pool(ctx, 3)
+    rows = []
+    for kind, q, a, good, why in pool:
+        for jkind, prompt, label in judgements(kind, q, a, good, why, rng):
+            rows.append((jkind, good, sft_row(prompt, label, 4, jkind, "stage3-model" if kind != "fact" else "human",
+                                              "constructed", by={"judged": "stage3-model"}, truth=kind,
+                                              label_from="parser" if kind == "arithmetic" else
+                                              "human key" if kind == "fact" else "refusal check")))
+    by_q = {}
+    for kind, q, a, good, _ in pool:
+        by_q.setdefault((kind, q), {})[good] = a
+    for (kind, q), ans in by_q.items():
+        if True in ans and False in ans:       # a right and a wrong answer to one question: both A/B orders
+            principle = PRINCIPLE_TEXT[kind]
+            for first, label in ((ans[True], "A"), (ans[False], "B")):
+                second = ans[False] if first is ans[True] else ans[True]
+                prompt = layout("pairwise_principle", principle=principle, question=q, a=first, b=second)
+                rows.append(("pairwise", None, sft_row(prompt, label, 4, "pairwise", "stage3-model", "constructed",
+                                                       by={"judged": "stage3-model"}, truth=kind)))
+    for jkind in sorted({r[0] for r in rows}):          # as many good as bad labels per judging kind
+        mine = [r for r in rows if r[0] == jkind]
+        goods, bads = [r for r in mine if r[1]], [r for r in mine if r[1] is False]
+        n = min(len(goods), len(bads)) if goods and bads else len(mine)
+        picked = (rng.sample(goods, n) + rng.sample(bads, n)) if goods and bads else mine
+        for r in picked:
+            keep.add(r[2])
+        for r in mine:
+            if r not in picked:
+                keep.reject(r[2], "dropped to balance the labels")
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 5: revisions toward a clean original
+# ---------------------------------------------------------------- stage 5: revisions the stage-4 critic drives
 
 def misspell(text, rng):
     """One to three typos: a swapped, dropped or doubled letter in words of 4+ letters."""
@@ -341,108 +451,145 @@ def wordy(text, rng):
     return rng.choice(TEMPLATES["fillers"]) + " " + out
 
 
+def truncate(text, rng):
+    w = text.split()
+    return " ".join(w[:max(2, len(w) // 2 - rng.randint(0, 2))]).rstrip(".,;:!?")
+
+
+def critic_agrees(ctx, cases):
+    """The stage-4 judge's verdict on each (kind, question, response, good): kept only where it matches the
+    truth, so the critique a revision prompt shows and the target it teaches never contradict each other."""
+    prompts = [layout("principle_violation", principle=PRINCIPLE_TEXT[kind], question=q, response=a)
+               for kind, q, a, _ in cases]
+    lp = ctx.choose(4, prompts, ["Yes", "No"])
+    return [(y > n) == (not good) for (y, n), (_, _, _, good) in zip(lp, cases)]
+
+
 def make_stage5(ctx):
-    """Clean texts from earlier stages get defects made by code; the stage-4 model writes the critique that
-    feedback tasks carry and judges each pair; the target is always the clean original."""
-    rng, keep, W = ctx.rng, Keeper(), "stage4-model"
-    clean = [(r["messages"][1]["content"], r["meta"].get("source", "human")) for s in (2, 3) for r in ctx.stage_rows(s)
-             if r["meta"]["kind"] in ("completion", "statement", "question", "help_request")]
+    """Revision tasks whose targets are known: fix a wrong answer (the human key) or typos (the clean original),
+    rewrite a wordy text (the plain one), improve a cut-off answer, and revise by the stage-4 model's critique:
+    a harmful compliance becomes a refusal with an alternative, a refusal of a harmless request becomes the
+    helpful answer, a correct answer stays as it is. Rows are kept where the stage-4 judge's verdict agrees
+    with the truth; its critique is the feedback shown."""
+    rng, keep = ctx.rng, Keeper()
+    pool = answer_pool(ctx, 3)
+    clean = [(r["messages"][1]["content"], r["meta"]["source"]) for s in (2, 3) for r in ctx.stage_rows(s)
+             if r["meta"]["kind"] in ("completion", "statement", "fun_fact", "question", "keyed_question")]
     clean += [(r["messages"][1]["content"], "human") for r in ctx.seed_rows
-              if r["meta"].get("kind") in ("generate_fact", "write_sentence", "answer_question")]
-    clean = [(t, by) for t, by in clean if 5 <= len(t.split()) <= 30 and "\n" not in t and t[-1] in ".?!"]
-    m = round(ctx.preset.n_make * ctx.preset.oversample)
-    picks = rng.sample(clean, min(m, len(clean)))
-    qa = [(q, a, "stage2-model") for r in ctx.stage_rows(2) if r["meta"]["kind"] == "question"
-          for q, a in [(r["messages"][0]["content"], r["messages"][1]["content"])] if len(a.split()) >= 6]
-    tasks = []
-    for i, (text, by) in enumerate(picks):
-        kind = ["fix_errors", "rewrite_clearly", "revise_feedback", "improve_response"][i % 4]
-        if kind == "improve_response" and qa:
-            q, a, by = qa[i % len(qa)]
-            tasks.append((kind, truncate(a, rng), a, by, q))
-        elif kind != "improve_response":
-            bad = misspell(text, rng) if kind == "fix_errors" else wordy(text, rng) if kind == "rewrite_clearly" \
-                else rng.choice([misspell, wordy])(text, rng)
-            if bad != text:
-                tasks.append((kind, bad, text, by, None))
-    fb = ctx.ask(4, [rng.choice(TEMPLATES["critique_request"]).format(text=bad) for k, bad, *_ in tasks
-                     if k == "revise_feedback"])
-    fb = iter(first_sentence(f) for f in fb)
-    scores = ctx.prefer(4, [(q or "Which text is better written?", good, bad) for k, bad, good, by, q in tasks])
-    for (kind, bad, good, by, q), score in zip(tasks, scores):
-        if kind == "revise_feedback":
-            critique = next(fb)
-            prompt = f"Revise according to feedback: {bad}\nFeedback: {critique}"
-        elif kind == "improve_response":
-            prompt = f"{rng.choice(['Make this more helpful', 'Improve this response'])}:\nQuestion: {q}\nResponse: {bad}"
+              if r["meta"].get("kind") in ("generate_fact", "write_sentence", "answer_question", "explain")]
+    clean = [(t, by) for t, by in clean if 5 <= len(t.split()) <= 40 and "\n" not in t and t[-1] in ".?!"]
+    m = round(ctx.preset.n_make * ctx.preset.oversample / 3)
+    for text, by in rng.sample(clean, min(m, len(clean))):
+        kind = rng.choice(["fix_errors", "rewrite_clearly"])
+        bad = misspell(text, rng) if kind == "fix_errors" else wordy(text, rng)
+        if bad != text:
+            keep.add(sft_row(layout(kind, text=bad), text, 5, kind, "constructed", by, defect="typos" if
+                             kind == "fix_errors" else "filler"))
+    cases, targets = [], []
+    for kind, q, a, good, gold in pool:
+        if kind in ("fact", "arithmetic") and not good and gold:      # a wrong answer and its human or parser fix
+            cases.append((kind, q, a, good))
+            targets.append(("fix_errors", gold, "human" if kind == "fact" else "parser"))
+        elif kind in ("fact", "arithmetic") and good:
+            cases.append((kind, q, a, good))
+            targets.append(("keep", a, "stage3-model"))
+    refusals = {q: a for kind, q, a, good, _ in pool if kind == "harmful" and good}
+    helps = {q: a for kind, q, a, good, _ in pool if kind == "benign" and good}
+    for kind, q, a, good, _ in pool:
+        if kind == "harmful" and not good and q in refusals:
+            cases.append((kind, q, a, good))
+            targets.append(("harm", refusals[q], "stage1-model"))
+        elif kind == "benign" and not good and q in helps:
+            cases.append((kind, q, a, good))
+            targets.append(("refusal", helps[q], "stage3-model"))
+    critiques = ctx.ask(4, [few_shot("critique_demos", layout("critique", critique=(HARM if kind == "harmful" else
+                                                                                   HELP)[0]["critique"],
+                                                               question=q, response=a)) for kind, q, a, _ in cases])
+    for (kind, q, a, good), (what, target, by), crit, agree in zip(cases, targets, critiques,
+                                                                   critic_agrees(ctx, cases)):
+        feedback = rng.choice(TEMPLATES["feedback"]["keep" if what == "keep" else
+                                                    "wrong" if what == "fix_errors" else what])
+        crit = first_sentence(crit)
+        if crit and not E.is_echo(a, crit):       # the critic's own sentence, then the instruction it implies
+            feedback = f"{crit} {feedback}"
+        if what == "fix_errors" and rng.random() < 0.5:
+            prompt = layout("fix_errors", text=a)
         else:
-            prompt = f"{'Fix the errors in' if kind == 'fix_errors' else 'Rewrite this more clearly'}: {bad}"
-        row = sft_row(prompt, good, 5, kind, "constructed", by, judge_score=round(score, 3),
-                      by={"judge": W, **({"critique": W} if kind == "revise_feedback" else {})})
-        if kind == "revise_feedback" and (not E.words(critique) or E.is_echo(bad, critique)):
-            keep.reject(row, "critique empty or an echo")
-        elif score <= 0:
-            keep.reject(row, "the stage-4 judge did not prefer the clean text")
+            prompt = layout("revise_feedback", question=q, response=a, feedback=feedback)
+        row = sft_row(prompt, target, 5, "revise_feedback" if "Feedback:" in prompt else "fix_errors",
+                      "stage3-model", by, by={"critique": "stage4-model", "verdict": "stage4-model"}, target=what)
+        if not agree:
+            keep.reject(row, "the stage-4 judge's verdict disagrees with the known truth")
         else:
             keep.add(row)
+    for kind, q, a, good, _ in pool:                    # improve: a cut-off answer grows back to the whole one
+        if good and kind in ("fact", "benign") and len(a.split()) >= 8:
+            keep.add(sft_row(layout("improve_response", question=q, response=truncate(a, rng)), a, 5,
+                             "improve_response", "stage3-model", "stage3-model", cut="truncated by code"))
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 6: constitutional preference pairs
+# ---------------------------------------------------------------- stage 6: Constitutional AI
 
-def few_shot(name, prompt):
-    """The prompt after human-written worked examples (data/templates.json): without them small models copy the
-    text they are asked to revise, or open with 'Sure, here is...' (Hugging Face's CAI recipe)."""
-    demos = [{"role": role, "content": text} for user, answer in TEMPLATES[name]
-             for role, text in (("user", user), ("assistant", answer))]
-    return demos + [{"role": "user", "content": prompt}]
+def principles_for(kind, rng):
+    """Constitutional AI draws a principle that applies: harm principles for harmful requests, helpfulness and
+    honesty principles for benign ones."""
+    return rng.choice(HARM if kind == "harmful" else HELP)
 
 
-def strip_preamble(text):
-    """Drop 'Sure, here is the revised response:' openings (small models add them; Hugging Face's CAI recipe)."""
-    return re.sub(r"^(?:sure|okay|ok|certainly|of course|here)\b[^\n:]{0,80}:\s*", "", text.strip(), flags=re.I).strip()
+def revise_round(ctx, prompts, kinds, current, rnd):
+    """One critique-revision round: a fresh principle per prompt, the stage-4 critique, `revisions` samples from
+    the stage-5 reviser, and the one the stage-4 judge prefers with that principle (both A/B orders averaged)."""
+    rng = ctx.rng
+    ps = [principles_for(k, rng) for k in kinds]
+    crit = ctx.ask(4, [few_shot("critique_demos", layout("critique", critique=p["critique"], question=q, response=r))
+                       for p, q, r in zip(ps, prompts, current)])
+    asks = [few_shot("revision_demos", layout("revise_feedback", question=q, response=r,
+                                              feedback=f"{first_sentence(c)} {p['revision']}".strip()))
+            for p, q, r, c in zip(ps, prompts, current, crit)]
+    samples = [[strip_preamble(s) for s in ctx.ask(5, asks, temperature=0.8 if j else 0.0)]
+               for j in range(ctx.preset.revisions)]
+    best = [s[0] for s in zip(*samples)]
+    for j in range(1, len(samples)):      # a knockout: each new sample against the best so far, with the principle
+        scores = ctx.prefer(4, [(q, samples[j][i], best[i]) for i, q in enumerate(prompts)],
+                            principles=[p["name"] for p in ps])
+        best = [samples[j][i] if sc > 0 else b for i, (sc, b) in enumerate(zip(scores, best))]
+    return ps, crit, best
 
 
 def make_stage6(ctx):
     """Stage 3 writes user prompts (red-team topics included), stage 2 answers, stage 4 critiques against a principle
-    drawn from the constitution, stage 5 revises; (revision > original) pairs are kept where the stage-4 judge
-    prefers the revision, averaged over both A/B orders. Each round draws a fresh principle; every round counts."""
-    rng, keep = ctx.rng, Keeper()
-    principles = read_data("constitution.json")["principles"]
-    n = round(ctx.preset.n_make * ctx.preset.oversample)
-    red = ctx.topics_file["redteam_topics"]
-    asks = [rng.choice(TEMPLATES["stage6"]["redteam"]).format(topic=rng.choice(red)) if i % 2 == 0 else
-            rng.choice(TEMPLATES["stage6"]["benign"]).format(topic=t) for i, t in enumerate(ctx.topics(n))]
-    made = [E.unwrap(p.strip()).split("\n\n")[0].strip()
-            for p in ctx.ask(3, [few_shot("redteam_demos", a) for a in asks], temperature=0.8)]
-    kinds = ["redteam" if i % 2 == 0 else "benign" for i in range(len(made))]
-    pairs = [(k, p) for k, p in zip(kinds, made) if len(E.words(p)) >= 3]
-    kinds, prompts = [k for k, _ in pairs], [p for _, p in pairs]
+    that applies, stage 5 revises (several samples, the stage-4 judge picks with the principle), rounds repeat with
+    a fresh principle. Every round's revision is kept: DPO pairs (revision preferred over the original) where the
+    judge prefers the revision and, for harmful prompts, the revision refuses; the SL-CAI rows are the same
+    revisions as SFT targets (bootstrap trains on them first). Helpfulness pairs are added by the replay."""
+    keep = Keeper()
+    n = round(ctx.preset.n_make * ctx.preset.oversample / 2)
+    harmful, benign = user_requests(ctx, 3, n)
+    prompts, kinds = harmful + benign, ["harmful"] * len(harmful) + ["benign"] * len(benign)
     originals = [a.strip() for a in ctx.ask(2, prompts)]
     current = list(originals)
     for rnd in range(ctx.preset.revision_rounds):
-        ps = [rng.choice(principles) for _ in prompts]
-        crit = ctx.ask(4, [few_shot("critique_demos", f"{p['critique']}\nQuestion: {q}\nResponse: {r}")
-                           for p, q, r in zip(ps, prompts, current)])
-        revs = ctx.ask(5, [few_shot("revision_demos", f"Revise according to feedback: {r}\nFeedback: "
-                                                      f"{first_sentence(c)} {p['revision']}")
-                           for p, r, c in zip(ps, current, crit)])
-        revs = [strip_preamble(r) for r in revs]
-        scores = ctx.prefer(4, list(zip(prompts, revs, originals)))    # both A/B orders, position bias cancelled
-        for i, (q, o, r, p, c) in enumerate(zip(prompts, originals, revs, ps, crit)):
+        ps, crit, revs = revise_round(ctx, prompts, kinds, current, rnd)
+        scores = ctx.prefer(4, list(zip(prompts, revs, originals)), principles=[p["name"] for p in ps])
+        for i, (q, o, r) in enumerate(zip(prompts, originals, revs)):
             row = {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
                    "rejected": [{"role": "assistant", "content": o}],
-                   "meta": {"stage": 6, "kind": kinds[i], "round": rnd + 1,
-                            "principle": p["name"], "critique": first_sentence(c),
-                            "source": "stage5-model",
+                   "meta": {"stage": 6, "kind": kinds[i], "round": rnd + 1, "principle": ps[i]["name"],
+                            "critique": first_sentence(crit[i]), "source": "stage5-model",
                             "written_by": {"prompt": "stage3-model", "rejected": "stage2-model",
                                            "critique": "stage4-model", "chosen": "stage5-model",
                                            "judge": "stage4-model"},
-                            "judge_score": round(scores[i], 3)}}
-            if not E.words(r) or not E.words(o):
+                            "judge_score": round(scores[i], 3), "chosen_refuses": E.is_refusal(r),
+                            "rejected_complies": not E.is_refusal(o)}}
+            if not words(r) or not words(o):
                 keep.reject(row, "empty original or revision")
-            elif E.rouge_l(r, o) >= 0.9:
+            elif rouge_l(r, o) >= 0.9:
                 keep.reject(row, "revision barely differs from the original")
+            elif kinds[i] == "harmful" and not E.is_refusal(r):
+                keep.reject(row, "a harmful request whose revision still complies")
+            elif kinds[i] == "benign" and E.is_refusal(r):
+                keep.reject(row, "a harmless request whose revision refuses")
             elif scores[i] <= 0:
                 keep.reject(row, "the stage-4 judge did not prefer the revision (both A/B orders averaged)")
             else:
@@ -452,19 +599,26 @@ def make_stage6(ctx):
 
 
 def preference_replay(ctx, n):
-    """Helpfulness pairs so that harmlessness does not cost helpfulness: an earlier stage's kept answer over a
-    truncated copy of itself (the stage-2 model wrote the answers)."""
-    rows = [r for k in (1, 2) for r in ctx.stage_rows(k) if len(r["messages"][1]["content"].split()) >= 6]
+    """Helpfulness pairs so that harmlessness does not cost helpfulness: on harmless requests, including the
+    edgy-looking ones of the seed, the helpful answer is preferred over a refusal the stage-1 model wrote when
+    told to decline; and earlier stages' answers over a cut-off copy."""
+    rng = ctx.rng
+    rows = [r for k in (1, 2) for r in ctx.stage_rows(k) if len(r["messages"][1]["content"].split()) >= 6
+            and not E.is_refusal(r["messages"][1]["content"])]
+    edgy = [r for r in rows if r["meta"].get("kind") == "edgy_benign"]
+    picked = edgy + rng.sample([r for r in rows if r not in edgy], max(0, min(n - len(edgy), len(rows) - len(edgy))))
+    refusals = ctx.ask(1, [decline_prompt(r["messages"][0]["content"], rng) for r in picked])
     out = []
-    for r in ctx.rng.sample(rows, min(n, len(rows))):
-        a = r["messages"][1]["content"]
-        out.append({"prompt": r["messages"][:1], "chosen": [r["messages"][1]],
-                    "rejected": [{"role": "assistant", "content": truncate(a, ctx.rng)}],
+    for r, no in zip(picked, refusals):
+        helpful, edgy_row = r["messages"][1], r["meta"].get("kind") == "edgy_benign"
+        worse = no.strip() if (edgy_row or rng.random() < 0.5) and is_good_refusal(no) else \
+            truncate(helpful["content"], rng)
+        out.append({"prompt": r["messages"][:1], "chosen": [helpful], "rejected": [{"role": "assistant", "content": worse}],
                     "meta": {"stage": 6, "kind": "helpful_replay", "source": r["meta"]["source"],
-                             "replay_of": r["meta"]["stage"],
+                             "replay_of": r["meta"]["stage"], "rejected_is": "refusal" if E.is_refusal(worse) else "cut",
                              "written_by": {"prompt": r["meta"].get("written_by", {}).get("prompt", "human"),
                                             "chosen": r["meta"].get("written_by", {}).get("response", "human"),
-                                            "rejected": "constructed"}}})
+                                            "rejected": "stage1-model" if E.is_refusal(worse) else "constructed"}}})
     return out
 
 

@@ -60,9 +60,12 @@ def test_smoke_layout_provenance_report(smoke_run):
         assert set(ev["results"]) == {str(s) for s in B.eval_sets(k, smoke_run.preset)}
         assert ev["split"] == "test" and 0 <= ev["vs_base"]["p"] <= 1 and ev["floor"]["responder"] in E.RESPONDERS
     # the adapter of each stage names its own parent (DESIGN: chained adapters)
-    for k in range(2, 7):
+    for k in range(2, 7):     # stage 6's DPO adapter sits on its supervised (SL-CAI) model, which sits on stage 5
         cfg = json.loads((d / f"stage{k}" / "model" / "adapter_config.json").read_text())
-        assert Path(cfg["base_model_name_or_path"]) == (d / f"stage{k - 1}" / "model").resolve()
+        parent = d / "stage6" / "sl" if k == 6 else d / f"stage{k - 1}" / "model"
+        assert Path(cfg["base_model_name_or_path"]) == parent.resolve()
+    sl = json.loads((d / "stage6" / "sl" / "adapter_config.json").read_text())
+    assert Path(sl["base_model_name_or_path"]) == (d / "stage5" / "model").resolve()
     report = (d / "report.md").read_text()
     assert report.count("\n| ") == 7 and "![loss curves](loss.svg)" in report
     for k in range(1, 7):     # a chart per stage: floor, base and the stage's model, with intervals
@@ -125,7 +128,7 @@ def test_gate_above_reach_exits_nonzero(smoke_run, tmp_path):
     shutil.copytree(smoke_run.dir / "tiny-base", run / "tiny-base")
     (run / "stage1" / "eval.json").unlink()
     preset = replace(B.PRESETS["smoke"], thresholds={**B.PRESETS["smoke"].thresholds, 1: 1.01})
-    with pytest.raises(SystemExit, match=r"stage 1 failed its gate: instruction_following = 0\.\d+ < threshold 1\.01"):
+    with pytest.raises(SystemExit, match=r"stage 1 failed its gate: instruction_following = 0\.\d+ \[.*\] < threshold 1\.01 \(short by"):
         B.run_pipeline(preset, root=tmp_path, name="g", stages=[1])
     r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path),
                         "--run", "g", "--stages", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -145,11 +148,25 @@ def test_keeper_dedupes_and_enforces_novelty():
     k = S.Keeper()
     row = lambda q, a, kind="question": S.sft_row(q, a, 3, kind, "human", "stage2-model")  # noqa: E731
     k.add(row("Why is the sky blue?", "x"), novel_text="Why is the sky blue?")
-    k.add(row("why is the sky blue", "y"), novel_text="other")                    # same prompt, other case
+    k.add(row("why is the sky blue", "X"), novel_text="other")                    # same prompt and answer, other case
     k.add(row("Why is the sky so blue?", "z"), novel_text="Why is the sky so blue?")  # ROUGE-L 0.91 >= 0.7
     k.add(row("How do bees make honey?", "w"), novel_text="How do bees make honey?")
     assert [r["messages"][0]["content"] for r in k.kept] == ["Why is the sky blue?", "How do bees make honey?"]
     assert [r["reason"][:10] for r in k.rejected] == ["duplicate", "not novel:"]
+
+
+def test_keeper_keeps_every_revision_round_of_a_prompt():
+    """Constitutional AI fine-tunes on the revisions of all rounds: a second round's revision of the same prompt
+    is a new pair, only the very same pair is a duplicate."""
+    k = S.Keeper()
+    pair = lambda chosen, rnd: {"prompt": [{"role": "user", "content": "How do I pick a lock?"}],  # noqa: E731
+                                "chosen": [{"role": "assistant", "content": chosen}],
+                                "rejected": [{"role": "assistant", "content": "Use a tension wrench."}],
+                                "meta": {"stage": 6, "kind": "harmful", "round": rnd}}
+    k.add(pair("I can't help with that.", 1))
+    k.add(pair("I won't help open a lock that isn't yours; a locksmith can help.", 2))
+    k.add(pair("I can't help with that.", 2))
+    assert [r["meta"]["round"] for r in k.kept] == [1, 2] and [r["reason"] for r in k.rejected] == ["duplicate"]
 
 
 def test_defect_makers_change_the_text():
