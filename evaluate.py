@@ -71,23 +71,25 @@ NUMBER_WORDS.update(thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=
 NUM_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)|\b(?:" + "|".join(
     sorted(NUMBER_WORDS, key=len, reverse=True)) + r")(?:[- ](?:one|two|three|four|five|six|seven|eight|nine))?\b",
     re.I)
-MARKER_RE = re.compile(r"=|->|\u2192|\b(?:equals?|is|are|was|were|makes?|gives?|get|results? in|comes? to|totals?)\b"
+MARKER_RE = re.compile(r"=|->|\u2192|\b(?:equals?|is|are|was|were|makes?|gives?|get|results? in|comes? to|totals?|"
+                       r"have|has)\b"
                        r"|\banswer\s*:", re.I)
 OPERAND_BEFORE = re.compile(r"(?:[-+*/\u00d7\u00f7^]|\bx|\b(?:times|plus|minus|multiplied by|divided by))\s*$", re.I)
 OPERAND_AFTER = re.compile(r"\s*(?:[+*/\u00d7\u00f7^]|[-x]\s*\d|(?:times|plus|minus|multiplied|divided)\b)", re.I)
 
 
 def answer_number(text):
-    """The number given as the answer: the first after the first 'is / = / equals / makes / Answer:' that has
-    one after it, else the first in the text. Operands ('7 times 8', '15 - 3') are not answers, so 'The answer
-    to 7 times 8 is 56' and '7 x 8 -> 56' give 56 and '2 + 2 = 5' gives 5; all operands: the last number."""
+    """The number given as the answer: the first after the last 'is / = / equals / makes / have / Answer:' that
+    has one after it, else the first in the text. Operands ('7 times 8', '15 - 3') are not answers, so 'The answer
+    to 7 times 8 is 56' and '7 x 8 -> 56' give 56, '2 + 2 = 5' gives 5, and working that ends in a result
+    ('7 + 8 = 15, and 15 - 5 = 10') gives the result; all operands: the last number."""
     nums, operands = [], []
     for m in NUM_RE.finditer(text):
         tok = m.group().lower().replace(",", "")
         value = float(tok) if tok.lstrip("-")[0].isdigit() else float(sum(NUMBER_WORDS[w] for w in re.split(r"[- ]", tok)))
         operand = OPERAND_BEFORE.search(text[:m.start()]) or OPERAND_AFTER.match(text, m.end())
         (operands if operand else nums).append((m.start(), value))
-    for mk in MARKER_RE.finditer(text):
+    for mk in reversed(list(MARKER_RE.finditer(text))):
         after = [v for pos, v in nums if pos >= mk.end()]
         if after:
             return after[0]
@@ -241,19 +243,22 @@ GREETING_RE = re.compile(r"\b(?:hello|hi|hey|greetings|good (?:morning|afternoon
                          r"thank you|glad|nice|great|fine|well|doing|pleasure|happy|help|how are you|bye|goodbye|"
                          r"see you|take care|you too|wonderful|good)\b", re.I)
 OFFER_RE = re.compile(r"\b(?:how (?:can|may) i (?:help|assist)|(?:happy|glad) to help|i can help you|let me help|"
-                      r"what can i do for you|is there anything (?:else )?i can)\b", re.I)
+                      r"what can i do for you|is there anything (?:else )?i can (?:help|do for you))\b", re.I)
 HELP_RE = re.compile(r"\b(?:help|assist|support|advice|advise|tips?|guide|explain|show me|i need|i'm stuck|"
                      r"having trouble|struggling|how (?:do|can|should) i|can you|could you|would you|please|"
                      r"what (?:should|can|do) i do|what do you (?:suggest|recommend)|any (?:ideas|suggestions)|"
-                     r"i (?:don't|do not) know (?:how|what|where)|can't figure out)\b", re.I)
+                     r"i (?:don't|do not) know (?:how|what|where)|can't figure out)\b|\?", re.I)   # or any question
 POLITE_RE = re.compile(r"\b(?:please|could you|would you|may i|can you|kindly|i would appreciate|i'd appreciate|"
-                       r"if you don't mind|i'd be grateful|i would be grateful|would it be possible)\b", re.I)
+                       r"if you don't mind|i'd be grateful|i would be grateful|would it be (?:possible|okay|ok|alright|"
+                       r"all right)|is it (?:okay|ok|alright|all right) if|do you mind|i was wondering if|could i|"
+                       r"can i|i was hoping)\b", re.I)
 REQUEST_RE = re.compile(r"(?:please,? )?(?:can|could|would|will) you\b|i (?:want|need|would like) you to\b", re.I)
 IMPERATIVES = set("""write explain describe list give tell summarize summarise translate create generate name compare
 define find calculate make suggest provide draft compose identify classify convert rewrite outline recommend help
 answer plan design sort count solve show correct fix edit predict choose select evaluate rate brainstorm imagine
 pretend act draw build prepare research discuss analyze analyse estimate check review improve simplify paraphrase
 teach share offer recite spell read invent come produce turn put use add remove proofread format respond reply
+quiz ask test play guide coach remind
 complete continue fill organize organise arrange rank measure determine prove look""".split())
 
 
@@ -265,7 +270,7 @@ def is_instruction(text):
 
 
 RECIPROCAL_RE = re.compile(r"\b(?:you too|same to you|and you|how about you|how are you|how was yours|how is yours|"
-                           r"thanks|thank you)\b", re.I)
+                           r"thanks|thank you)\b|\btoo[!.]", re.I)
 
 
 def check_greeting(check, ans, item):
@@ -285,7 +290,7 @@ def check_greeting(check, ans, item):
 
 
 QUESTION_OPENERS = set("""what why how when where who whom whose which is are was were do does did can could should
-would will shall may might have has had am isnt arent doesnt dont didnt cant wont""".split())
+would will shall may might have has had am isnt arent doesnt dont didnt cant wont whats hows whos wheres whys""".split())
 
 
 def question_problem(q):
@@ -302,14 +307,14 @@ def capitalised(problem):
     return lambda t: problem(t) or (None if t[:1].isupper() or t[:1].isdigit() else "does not start like a sentence")
 
 
-def shape_scorer(kind, problem, label_or_text=False, need=MIN_NEW):
+def shape_scorer(kind, problem, need=MIN_NEW):
     """A scorer of text the model was asked to write: problem(text) (None when the shape is right), then the topic
-    and the content it adds, on the answer less a lead-in ('Here is a question about dogs:'). With label_or_text,
-    the text before the colon may also belong to the answer ('Summarize this article: ...')."""
+    and the content it adds. The answer is read without a lead-in ('Here is a question about dogs: ...') and, if
+    that reading has the wrong shape, whole ('Summarize this article: ...', 'The heart has four chambers: ...')."""
     problem = capitalised(problem)
 
     def scorer(check, ans, item):
-        readings = [unwrap(ans)] + ([ans.strip().strip(QUOTES)] if label_or_text else [])
+        readings = [unwrap(ans), ans.strip().strip(QUOTES)]       # 'The heart has four chambers: two ...' is whole
         text = next((t for t in readings if not problem(t)), readings[0])
         ok, why = written(check, text, item["prompt"], problem(text), kind, need)
         if ok and check.get("facts") is not None:           # a statement must also be true
@@ -341,7 +346,7 @@ check_polite_request = shape_scorer("a polite request", lambda q: None if POLITE
                                     need=0)     # 'May I have a glass of water, please?' adds no word to its prompt
 check_statement = shape_scorer("a statement", statement_problem)
 check_instruction = shape_scorer("an instruction", lambda s: None if is_instruction(s) else
-                                 f"starts with '{(words(s) or [''])[0]}', not an imperative", label_or_text=True)
+                                 f"starts with '{(words(s) or [''])[0]}', not an imperative")
 
 
 AB_NAMED = re.compile(r"\b(?:response|option|choice|candidate)\s*\(?([ab])\)?(?!\w)", re.I)

@@ -140,24 +140,26 @@ def arithmetic_prompt(a, op, b, rng):
 
 
 def seed_questions(ctx):
-    """(question, gold answer, key words) from the human seed's question-answering rows: the key is what the
-    gold answer says that the question does not ('Paris' for the capital of France)."""
+    """(question, gold answer, key words) from the human seed's question-answering rows: the key is what the gold
+    answer's first clause says that the question does not ('Paris' for the capital of France)."""
     out = []
     for r in ctx.seed_rows:
         if r["meta"].get("kind") not in ("answer_question", "define_word", "translate_word", "give_example"):
             continue
         prompt, gold = r["messages"][0]["content"], r["messages"][1]["content"]
         q = next((s for s in re.split(r"(?<=[.!?:])\s+", prompt) if s.endswith("?")), None)
-        key = sorted({w for w in words(gold) if w not in words(prompt) and w not in E.STOP_WORDS and len(w) > 2})
+        clause = re.split(r"[,;:]|\.\s", gold)[0]
+        key = sorted({w for w in words(clause) if w not in words(prompt) and w not in E.STOP_WORDS and len(w) > 2})
         if q and key and len(key) <= 4:
             out.append((q, gold, key))
     return out
 
 
 def agrees(answer, key):
-    """The answer states every key word of the gold answer (not denied)."""
+    """The answer states at least half of the gold answer's key words (not denied): 'Van Gogh' for 'Vincent van
+    Gogh painted it in 1889', but not 'Monet, in 1889'."""
     t = Text(answer)
-    return all(t.states(k) for k in key)
+    return 2 * sum(t.states(k) for k in key) >= len(key)
 
 
 # ---------------------------------------------------------------- stage 1: the human seed
@@ -418,6 +420,10 @@ def make_stage4(ctx):
                 prompt = layout("pairwise_principle", principle=principle, question=q, a=first, b=second)
                 rows.append(("pairwise", None, sft_row(prompt, label, 4, "pairwise", "stage3-model", "constructed",
                                                        by={"judged": "stage3-model"}, truth=kind)))
+    unique = {}
+    for r in rows:                                       # one row per (prompt, label) before balancing
+        unique.setdefault(tuple(m["content"] for m in r[2]["messages"]), r)
+    rows = list(unique.values())
     for jkind in sorted({r[0] for r in rows}):          # as many good as bad labels per judging kind
         mine = [r for r in rows if r[0] == jkind]
         goods, bads = [r for r in mine if r[1]], [r for r in mine if r[1] is False]
