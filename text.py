@@ -56,9 +56,10 @@ def mentions(text, terms):
 # a mention after one of these, in the same clause, is denied: "it is not the Pacific"
 NEGATORS = {"not", "no", "never", "cannot", "neither", "nor", "without", "none", "nothing", "nobody", "hardly",
             "isnt", "arent", "wasnt", "werent", "dont", "doesnt", "didnt", "wont", "cant", "couldnt", "shouldnt",
-            "wouldnt", "hasnt", "havent", "hadnt", "aint", "mustnt", "neednt"}
+            "wouldnt", "hasnt", "havent", "hadnt", "aint", "mustnt", "neednt", "avoid", "avoiding", "myth",
+            "misconception", "instead"}
 # a candidate after one of these is compared or excluded, not claimed: "bigger than the Atlantic"
-CONTRASTS = NEGATORS | {"than", "unlike", "instead", "rather", "except", "besides", "beside", "opposite"}
+CONTRASTS = NEGATORS | {"than", "unlike", "rather", "except", "besides", "beside", "opposite"}
 CLAUSE_WORDS = {"but", "however", "whereas", "although", "though", "while", "because", "since", "so", "which"}
 TOKEN_RE = re.compile(r"[^\W_]+|[.,:](?!\d)|(?<!\d)[.,:]|[;!?\n()\"\u2014]")   # '3.5', '1,000', '9:30' stay whole
 
