@@ -423,6 +423,26 @@ def load_adapter(model, path):
 
 # ----------------------------------------------------------------------------- tokenizer and chat
 
+_JINJA_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
+_JINJA_STR = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", re.S)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _template_texts(template):
+    """What a Jinja template prints verbatim: the raw text between its tags and the string literals inside
+    them, with escapes such as \\n undone (a template may hold a real newline or the escape)."""
+    out, pos = [], 0
+    for tag in _JINJA_TAG.finditer(template):
+        out.append(template[pos:tag.start()])
+        if not tag.group().startswith("{#"):
+            for lit in _JINJA_STR.finditer(tag.group()):
+                text = lit.group(1) if lit.group(1) is not None else lit.group(2)
+                out.append(re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), text, flags=re.S))
+        pos = tag.end()
+    out.append(template[pos:])
+    return out
+
+
 class Tokenizer:
     """`tokenizers` BPE plus the chat format read from tokenizer_config.json's template."""
 
@@ -438,15 +458,21 @@ class Tokenizer:
         else:
             raise ValueError("unknown chat template: supported formats are ChatML (<|im_start|>) "
                              "and Llama 3 (<|start_header_id|>)")
-        m = re.search(r"<\|im_start\|>system\\?n(.*?)<\|im_end\|>", template, re.S)
-        self.default_system = m.group(1).replace("\\n", "\n") if (m and "{" not in m.group(1)) else None
+        # a system turn the template writes out whole (SmolLM2, Qwen2.5) is added when a chat has none; it is
+        # looked for in the text the template prints verbatim, whether its newline is real or an escape
+        found = (re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S) for t in _template_texts(template))
+        self.default_system = next((m.group(1) for m in found if m), None)
+        # Qwen3: the project uses its non-thinking mode, i.e. apply_chat_template(..., enable_thinking=False):
+        # an empty think block opens the answer of the generation prompt and of a final assistant turn
+        self.no_think = "<think>\n\n</think>\n\n" if self.format == "chatml" and "enable_thinking" in template else ""
 
         def tid(name):
             v = config.get(name)
             v = v.get("content") if isinstance(v, dict) else v
             return tok.token_to_id(v) if v else None
         self.eos_id = tid("eos_token")
-        self.bos_token = config.get("bos_token") if self.format == "llama3" else None
+        bos = config.get("bos_token")
+        self.bos_token = (bos.get("content") if isinstance(bos, dict) else bos) if self.format == "llama3" else None
         stops = {self.eos_id, tok.token_to_id(self.end_of_turn), tok.token_to_id("<|end_of_text|>")}
         self.stop_ids = sorted(i for i in stops if i is not None)  # a row ends at any of these
         self.pad_id = tid("pad_token") if tid("pad_token") is not None else self.stop_ids[0]
@@ -470,15 +496,20 @@ class Tokenizer:
         if self.format == "chatml":
             if self.default_system and messages[0]["role"] != "system":
                 yield f"<|im_start|>system\n{self.default_system}<|im_end|>\n", False
-            for m in messages:
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+            for i, m in enumerate(messages):
                 yield f"<|im_start|>{m['role']}\n", False
                 if m["role"] == "assistant":  # the answer and its end-of-turn token are the targets
-                    yield m["content"] + "<|im_end|>", True
+                    content = m["content"]
+                    if self.no_think and i == len(messages) - 1 and i > last_user:
+                        yield self.no_think, False
+                        content = content.lstrip("\n")
+                    yield content + "<|im_end|>", True
                     yield "\n", False
                 else:
                     yield m["content"] + "<|im_end|>\n", False
             if add_generation_prompt:
-                yield "<|im_start|>assistant\n", False
+                yield "<|im_start|>assistant\n" + self.no_think, False
         else:
             yield self.bos_token or "", False
             for m in messages:
