@@ -183,3 +183,20 @@ def test_atomic_writes_leave_nothing_half_written_and_clear_what_a_kill_left(tmp
         (d / "other").write_text("new")
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["other"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "model"]
+
+
+def test_eval_files_name_file_and_line_for_non_utf8_and_results_are_strict_json(tmp_path, umask022):
+    import evaluate as E
+    item = E.load_eval_set(1)[0]
+    p = tmp_path / "set.jsonl"
+    p.write_bytes(json.dumps(item).encode() + b"\n" + b'{"id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"set.jsonl:2: not UTF-8"):
+        E.load_eval_set(1, p)
+    r = tmp_path / "responses.jsonl"
+    r.write_bytes(b'{"id": "x", "response": "ok"}\n{"id": "y", "response": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"responses.jsonl:2: not UTF-8"):
+        E.read_responses(r, [item])
+    E.write_json(tmp_path / "out.json", {"value": float("nan"), "p": [0.5, float("inf")]})
+    text = (tmp_path / "out.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {"value": None, "p": [0.5, None]}
+    assert os.stat(tmp_path / "out.json").st_mode & 0o777 == 0o644
