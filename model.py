@@ -663,11 +663,19 @@ def read_tensors(path):
     return sd
 
 
+def _output_folder_hint(path):
+    """A training's --out folder holds its merged model in model/: say so when it is given as a model."""
+    return f" (this looks like a training output folder: its merged model is {path / 'model'})" \
+        if (path / "model" / "config.json").exists() else ""
+
+
 def load_tokenizer(path):
     path = Path(path)
     cfg_path = path / "tokenizer_config.json"
     config = read_json(cfg_path) if cfg_path.exists() else {}
-    tok_path = _need(path / "tokenizer.json")
+    tok_path = path / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"missing file: {tok_path}{_output_folder_hint(path)}")
     try:
         tok = HFTokenizer.from_file(str(tok_path))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
@@ -691,18 +699,16 @@ def _read_weights(path):
             sd.update(read_tensors(path / shard))
         return sd
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
-    if not pickles and (path / "model" / "config.json").exists():
-        hint = f" (this looks like a training output folder: its merged model is {path / 'model'})"
+    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to safetensors)" \
+        if pickles else _output_folder_hint(path)
     raise FileNotFoundError(f"missing file: {single} or {index}{hint}")
 
 
 def load_config(path):
     """Config of a Hugging Face directory; errors name its config.json."""
     cfg_path = Path(path) / "config.json"
-    if not cfg_path.exists() and (Path(path) / "model" / "config.json").exists():
-        raise FileNotFoundError(f"missing file: {cfg_path} (this looks like a training output folder: "
-                                f"its merged model is {Path(path) / 'model'})")
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"missing file: {cfg_path}{_output_folder_hint(Path(path))}")
     hf = read_json(cfg_path)
     try:
         return Config.from_hf(hf)

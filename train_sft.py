@@ -604,7 +604,7 @@ def clear_outputs(out, log=""):
     out = Path(out)
     for name in OUTPUTS + OLD_LAYOUT:
         p = out / name
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
     if log:
         Path(log).unlink(missing_ok=True)
 
@@ -615,7 +615,8 @@ def reusable(cfg, fp):
     unless cfg.overwrite, which deletes it first."""
     out = Path(cfg.out)
     if cfg.overwrite:
-        clear_outputs(out, cfg.log)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun one process clears, before the group forms
+            clear_outputs(out, cfg.log)
         return None
     records = [(out / "summary.json", "finished output"), (out / "checkpoint" / "state.safetensors", "checkpoint"),
                (out / "train_config.json", "training's settings")]

@@ -200,3 +200,15 @@ def test_eval_files_name_file_and_line_for_non_utf8_and_results_are_strict_json(
     text = (tmp_path / "out.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {"value": None, "p": [0.5, None]}
     assert os.stat(tmp_path / "out.json").st_mode & 0o777 == 0o644
+
+
+def test_a_training_output_folder_given_as_a_model_points_to_its_model_folder(tmp_path, base):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    for f in base.iterdir():
+        (out / "model").mkdir(exist_ok=True)
+        (out / "model" / f.name).write_bytes(f.read_bytes())
+    for load in (M.load, M.load_tokenizer, M.load_config):
+        with pytest.raises(FileNotFoundError, match=rf"missing file: .*its merged model is {out / 'model'}"):
+            load(out)
+    M.load(out / "model")
