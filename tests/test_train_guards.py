@@ -227,3 +227,18 @@ def test_outputs_are_two_folders_with_ordinary_modes_and_strict_json(tmp_path, b
     text = (out / "summary.json").read_text()
     summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert summary["train_loss"] is None and summary["eval_loss"] is None
+
+
+def test_a_bf16_training_merges_its_adapter_folder_into_the_full_precision_parent(tmp_path, base):
+    # the path CUDA takes: weights trained over a bf16 copy, merged into the fp32 parent read from disk
+    cfg = cfg_for(tmp_path, base, max_steps=2, lr=1e-2, precision="bf16")
+    S.train(cfg, qa_rows(8))
+    merged, _ = M.load(Path(cfg.out) / "model")
+    parent, _ = M.load(base)
+    x = torch.randint(0, 259, (2, 16))
+    with torch.no_grad():
+        before = parent(x)
+        want = M.load_adapter(parent, Path(cfg.out) / "adapter")(x)
+        got = merged(x)
+    assert merged.lm_head.weight.dtype == torch.float32
+    assert (want - before).abs().max() > 1e-3 and (got - want).abs().max() <= 1e-5
