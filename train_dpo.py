@@ -2,7 +2,7 @@
 
 The loop, checkpoints, resume, precision and torchrun come from train_sft.fit; this file adds the pair
 data, the loss and the reference log-probabilities.
-    python train_dpo.py --base DIR --data pairs.jsonl --out runs/x/model [--beta 0.1] [--loss-type sigmoid]
+    python train_dpo.py --base DIR --data pairs.jsonl --out runs/x [--beta 0.1] [--loss-type sigmoid]
 """
 import json
 from dataclasses import dataclass
@@ -26,6 +26,12 @@ class DPOConfig(S.SFTConfig):
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
     precompute_ref: bool = False  # compute every reference log-prob once before training (<out>/ref_logps.json)
+
+
+RULES = {**S.RULES,
+         "beta": S._rule(lambda v: S._finite(v) and v > 0, "a finite number > 0 (0 learns nothing; < 0 prefers the rejected)"),
+         "loss_type": S._rule(lambda v: v in ("sigmoid", "ipo"), "sigmoid or ipo"),
+         "label_smoothing": S._rule(lambda v: 0 <= v < 0.5, "in [0, 0.5) (0.5 learns nothing; more prefers the rejected)")}
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0, loss_type="sigmoid"):
@@ -106,9 +112,12 @@ def make_loss(cfg):
         n = len(pol) // 2
         losses, rc, rr = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, cfg.label_smoothing, cfg.loss_type)
         pd = pol.detach()
+        per_token = pd if cfg.loss_type == "ipo" else pd / batch["loss_mask"][:, 1:].sum(-1)   # ipo's is a mean already
         return losses.sum(), {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(),
                               "rewards/accuracy": (rc > rr).float().sum(), "rewards/margin": (rc - rr).sum(),
-                              "logps/chosen": pd[:n].sum(), "logps/rejected": pd[n:].sum()}
+                              "logps/chosen": pd[:n].sum(), "logps/rejected": pd[n:].sum(),
+                              # for the loop's collapse check: a dead policy sits at ln(vocab) per token
+                              "nll_per_token": -(per_token[:n] + per_token[n:]).sum() / 2}
     return loss_fn
 
 
@@ -135,27 +144,31 @@ def precompute_ref(cfg, model, tok, examples, dev, amp):
         refs = out.tolist()
         if rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            M._atomic_text(path, json.dumps(refs))
+            M._atomic_text(path, M.json_text(refs))
     for e, r in zip(examples, refs):
         e["ref"] = r
 
 
 def train(cfg: DPOConfig, rows: list[dict] | None = None) -> dict:
-    """Train a fresh LoRA on cfg.base with DPO on the pairs (or cfg.data); write model, adapter and summary."""
-    if done := S.finished(cfg):
+    """Train a fresh LoRA on cfg.base with DPO on the pairs (or cfg.data); write <out>/model, <out>/adapter and
+    <out>/summary.json. Reuse and resume as train_sft.train: only what this very training wrote."""
+    S.check_config(cfg, RULES)
+    located, _, fp, done = S.prepare(cfg, rows)
+    if done:
         return done
     model, tok, base, dev, amp = S.setup(cfg)
-    examples, dropped = S.encode_rows(S.load_rows(cfg, rows), dpo_example(tok, cfg.max_len), cfg.skip_bad)
+    examples, dropped = S.encode_rows(located, dpo_example(tok, cfg.max_len), cfg.skip_bad)
+    S.begin(cfg, fp)
     if cfg.precompute_ref:
         precompute_ref(cfg, model, tok, examples, dev, amp)
     train_ex, eval_ex = S.split(examples, cfg.eval_frac, cfg.seed)
-    summary = S.fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_pairs, make_loss(cfg), count_pairs)
-    return S.finish(cfg, summary, dropped)
+    summary = S.fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_pairs, make_loss(cfg), count_pairs,
+                    fingerprint=fp)
+    return S.finish(cfg, summary, dropped, fp)
 
 
 def main(argv=None):
-    cfg = S.parse_config(DPOConfig, argv, __doc__.splitlines()[0])
-    print(json.dumps(train(cfg), indent=2))
+    S.cli(S.parse_config(DPOConfig, argv, __doc__.splitlines()[0], RULES), train)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Supervised fine-tuning with LoRA: loss on assistant tokens only, mixed precision, exact resume, torchrun.
 
 The loop machinery here (`fit`) is shared with train_dpo.py, which supplies its own data and loss.
-    python train_sft.py --base default --data data.jsonl --out runs/x/model
+    python train_sft.py --base default --data data.jsonl --out runs/x   (writes runs/x/model, runs/x/adapter, ...)
     torchrun --nproc_per_node=2 train_sft.py ...   (DistributedDataParallel; gloo on CPU, NCCL on CUDA)
 """
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,7 +30,7 @@ import model as M
 class SFTConfig:
     base: str = "default"       # parent model: a Hugging Face directory, or "default" (built-in SmolLM2-135M-Instruct)
     data: str = ""              # JSONL of {"messages": [...]}; may be empty when rows are passed to train()
-    out: str = "out"            # output directory: merged model, adapter, checkpoint/, train.jsonl
+    out: str = "out"            # output directory: model/ (merged), adapter/ (PEFT), checkpoint/, train.jsonl, summary.json
     epochs: int = 3             # passes over the training split (unless max_steps is set)
     lr: float = 2e-4            # peak learning rate
     min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
@@ -49,8 +52,56 @@ class SFTConfig:
     log: str = ""               # JSONL log of every step (default <out>/train.jsonl)
     device: str = "auto"        # auto | cpu | cuda
     grad_checkpoint: bool = False  # recompute each block's activations in the backward (less memory)
-    resume: bool = True         # continue from <out>/checkpoint when it exists
+    overwrite: bool = False     # delete <out>'s training outputs and start over (else a checkpoint or finished output is reused only when made with the same settings, data and base)
     skip_bad: bool = False      # drop malformed rows (counted) instead of stopping with file:line
+
+
+def _rule(test, want):
+    """A check of one setting: None when the value is fine, else what it must be."""
+    return lambda v: None if test(v) else f"must be {want}, got {v!r}"
+
+
+def _device_rule(v):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v)):
+        return f"must be auto, cpu, cuda or cuda:N, got {v!r}"
+    if str(v).startswith("cuda") and not torch.cuda.is_available():
+        return f"{v!r} asks for CUDA, which this machine does not have (use cpu or auto)"
+    return None
+
+
+def _finite(v):
+    return math.isfinite(v)
+
+
+RULES = {  # each number a user can set, with the range that makes sense (argparse and train() both check)
+    "epochs": _rule(lambda v: v > 0, "> 0"),
+    "lr": _rule(lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "min_lr_ratio": _rule(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": _rule(lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": _rule(lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "lora_r": _rule(lambda v: v > 0, "> 0"),
+    "lora_alpha": _rule(lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "lora_dropout": _rule(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_targets": _rule(lambda v: all(re.fullmatch(r"\w+", t) for t in v.split(",")), "comma-separated module names"),
+    "batch_size": _rule(lambda v: v > 0, "> 0"),
+    "grad_accum": _rule(lambda v: v > 0, "> 0"),
+    "max_len": _rule(lambda v: v > 1, "> 1"),
+    "precision": _rule(lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+    "warmup": _rule(lambda v: v >= 0, ">= 0"),
+    "eval_frac": _rule(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "save_every": _rule(lambda v: v > 0, "> 0"),
+    "max_steps": _rule(lambda v: v >= 0, ">= 0 (0: run all epochs)"),
+    "device": _device_rule,
+}
+
+
+def check_config(cfg, rules=RULES):
+    """Every setting in range, else a ValueError naming each one that is not."""
+    bad = [f"{name}: {msg}" for name, rule in rules.items() if (msg := rule(getattr(cfg, name))) is not None]
+    if cfg.precision == "fp16" and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())):
+        bad.append("precision: fp16 needs CUDA (its gradient scaler); on CPU use bf16 or fp32")
+    if bad:
+        raise ValueError("bad settings: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------- data
@@ -66,17 +117,22 @@ def read_jsonl(path):
 
 
 def located_jsonl(path, keep_bad=False):
-    """[(where, row)] with where = "file:line"; a line that is not JSON is an error naming it
+    """[(where, row)] with where = "file:line"; a line that is not UTF-8 or not JSON is an error naming it
     (with keep_bad, the error takes the row's place, for the caller to count)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)  # a valid non-object (a list, a number) is refused by encode_rows
-            except json.JSONDecodeError as e:
-                row = ValueError(f"{path}:{n}: not JSON ({e.msg})")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                row = ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)  # a valid non-object (a list, a number) is refused by encode_rows
+                except json.JSONDecodeError as e:
+                    row = ValueError(f"{path}:{n}: not JSON ({e.msg})")
             if isinstance(row, ValueError) and not keep_bad:
                 raise row
             out.append((f"{path}:{n}", row))
@@ -261,23 +317,34 @@ def _cpu_has_bf16():
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, model, opt, scaler, state):
-    """Adapter, optimizer moments and RNG in one safetensors file, the rest as JSON in its header: one atomic write."""
+    """Adapter, optimizer moments and RNG in one safetensors file, the rest as JSON in its header: one atomic write.
+    Weights that are not all finite are never saved."""
     tensors = dict(M.lora_state_dict(model))
     for i, p in enumerate(M.lora_parameters(model)):
         for k, v in opt.state.get(p, {}).items():
             tensors[f"optimizer.{i}.{k}"] = v.detach().float().cpu().reshape(v.shape).contiguous()
+    if (bad := M._nonfinite(tensors)) is not None:
+        raise RuntimeError(f"{path}: not saved: tensor {bad} holds NaN or Inf values")
     tensors["rng.cpu"] = torch.get_rng_state()
     if scaler is not None:
         state = {**state, "scaler": {k: v for k, v in scaler.state_dict().items()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    M._atomic(path, lambda p: save_file(tensors, p, metadata={"state": json.dumps(state)}))
+    M._atomic(path, lambda p: save_file(tensors, p, metadata={"state": M.json_text(state)}))
+
+
+def checkpoint_state(path):
+    """The JSON state in a checkpoint's header; a damaged file is an error naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"])
+    except Exception as e:  # safetensors' own error, a missing key, bad JSON: the file is not one of ours
+        raise ValueError(f"{path}: not a readable training checkpoint ({e!r}); pass --overwrite to start over") from None
 
 
 def load_checkpoint(path, model, opt, scaler):
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        state = json.loads(f.metadata()["state"])
-    t = load_file(str(path))
+    state = checkpoint_state(path)
+    t = M.read_tensors(path)
     with torch.no_grad():
         for n, m in M.lora_modules(model).items():
             m.lora_A.weight.copy_(t[f"base_model.model.{n}.lora_A.weight"])
@@ -322,8 +389,38 @@ def setup(cfg):
     return model, tok, base, dev, amp
 
 
-def fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_fn, loss_fn, count_fn):
-    """Train LoRA on train_ex; evaluate on eval_ex; checkpoint, resume, and write the outputs. Returns the summary."""
+class TrainingStopped(RuntimeError):
+    """The weight checks stopped the run: a non-finite loss or weights, or a collapse."""
+
+
+COLLAPSE_STEPS = 3     # steps in a row at ln(vocab) with a vanishing gradient that count as a collapse
+COLLAPSE_GRAD = 1e-6   # "vanishing": a gradient norm at or below this
+
+
+def _kept(ckpt, saved):
+    """Where the run can restart from, for an error message."""
+    if saved is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint whose weights are all finite is kept: {ckpt} (step {saved})"
+
+
+def log_lines(path, step):
+    """The log's lines up to `step`: lines logged after the last checkpoint and a torn last line are dropped."""
+    keep = []
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line)
+    return keep
+
+
+def fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_fn, loss_fn, count_fn, fingerprint=None):
+    """Train LoRA on train_ex; evaluate on eval_ex; checkpoint, resume, and write the outputs. Returns the summary.
+    The weights are checked after every update: non-finite weights or a collapsed model stop the run, and only
+    finite weights are ever checkpointed or published. `fingerprint` is recorded in each checkpoint."""
     out = Path(cfg.out)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     ckpt, log_path = out / "checkpoint" / "state.safetensors", Path(cfg.log or out / "train.jsonl")
@@ -338,15 +435,15 @@ def fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_fn, loss_fn,
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ctx = (lambda: torch.autocast(dev.split(":")[0], dtype=amp)) if amp is not None else contextlib.nullcontext
     step, tokens, seconds, loss, running = 0, 0, 0.0, float("nan"), {}
-    if cfg.resume and ckpt.exists():
+    if ckpt.exists():   # train() has checked that it was made by this very training
         st = load_checkpoint(ckpt, model, opt, scaler)
         step, tokens, seconds, loss, running = st["step"], st["tokens"], st["seconds"], st["loss"], st["running"]
+    saved, dead = step if ckpt.exists() else None, 0   # the last checkpoint's step; steps in a row that look dead
+    uniform = math.log(model.config.vocab_size)        # the loss of a uniform guess over the vocabulary
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        M._atomic_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
-        if log_path.exists():  # drop lines a killed run logged after its last checkpoint
-            keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-            M._atomic_text(log_path, "".join(l + "\n" for l in keep))
+        if log_path.exists():  # drop lines a killed run logged after its last checkpoint, a torn last line too
+            M._atomic_text(log_path, "".join(line + "\n" for line in log_lines(log_path, step)))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"train {out.name}", unit="step")
     model.train()
     while step < total:
@@ -380,8 +477,8 @@ def fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_fn, loss_fn,
             sums, stats = red[:2], dict(zip(keys, red[2:].tolist()))
         loss = sums[0].item() / n_target
         if not math.isfinite(loss):
-            done = f"the last good checkpoint ({ckpt}) is kept" if ckpt.exists() else "no checkpoint was written"
-            raise RuntimeError(f"step {step}: loss is {loss}; stopping ({done}). Try a lower --lr or --precision fp32.")
+            raise TrainingStopped(f"step {step + 1}: loss is {loss}; stopping ({_kept(ckpt, saved)}). "
+                                  "Try a lower --lr or --precision fp32.")
         if scaler:
             scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -391,6 +488,12 @@ def fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_fn, loss_fn,
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingStopped(f"step {step + 1}: the update made the adapter weights NaN or Inf; stopping "
+                                  f"({_kept(ckpt, saved)}). Try a lower --lr or --precision fp32.")
+        # a collapsed model predicts the uniform distribution: its loss sits at ln(vocab) and nothing moves it
+        nll = stats["nll_per_token"] / n_target if "nll_per_token" in stats else loss   # DPO logs it; SFT's is the loss
+        dead = dead + 1 if float(gnorm) <= COLLAPSE_GRAD and abs(nll - uniform) <= 0.01 * uniform else 0
         dt = time.perf_counter() - t0
         step, tokens, seconds = step + 1, tokens + int(sums[1]), seconds + dt
         stats = {key: v / n_target for key, v in stats.items()}
@@ -401,13 +504,21 @@ def fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_fn, loss_fn,
                **{f"running/{key}": round(v, 6) for key, v in running.items()}}
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(M.json_text(rec) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update()
-            if step % cfg.save_every == 0 or step == total:
+            if (step % cfg.save_every == 0 or step == total) and not dead:   # a suspect model is not saved
                 save_checkpoint(ckpt, model, opt, scaler, {"step": step, "tokens": tokens, "seconds": seconds,
                                                            "loss": loss, "running": running, "total": total,
-                                                           "config": asdict(cfg)})
+                                                           "config": asdict(cfg), "fingerprint": fingerprint})
+                saved = step
+        if dead >= COLLAPSE_STEPS or (dead and step == total):   # the last step's model is not published either
+            late = saved is not None and saved >= step - dead   # saved after the update that killed the model
+            raise TrainingStopped(f"step {step}: training collapsed: the loss has sat at ln(vocab) = {uniform:.3f} "
+                                  f"(a uniform guess) with a gradient norm of {float(gnorm):.1e} for {dead} step(s); "
+                                  f"stopping ({_kept(ckpt, saved)}"
+                                  + (f", but the update of step {step - dead} had already collapsed it" if late else "")
+                                  + "). Try a lower --lr.")
     bar.close()
     eval_loss = evaluate(model, tok, eval_ex, collate_fn, loss_fn, count_fn, cfg, dev, ctx, rank, world)
     summary = {"steps": step, "train_loss": loss, "eval_loss": eval_loss, "tokens": tokens,
@@ -439,51 +550,133 @@ def evaluate(model, tok, examples, collate_fn, loss_fn, count_fn, cfg, dev, ctx,
 
 
 def write_outputs(cfg, model, tok, base):
-    """The adapter (PEFT layout, parent = base) and the merged model in the precision the parent is stored in."""
+    """<out>/adapter (PEFT layout, its config naming the parent) and <out>/model, the merged model in the precision
+    the parent is stored in. Two folders, never one: transformers, finding adapter files beside merged weights,
+    would apply the adapter a second time. Each folder is published whole or not at all."""
     out = Path(cfg.out)
-    M.save_adapter(model, out, base_model_name_or_path=str(Path(base).resolve()))
-    hf = json.loads((Path(base) / "config.json").read_text())
+    with M.atomic_dir(out / "adapter") as tmp:
+        M.save_adapter(model, tmp, base_model_name_or_path=str(Path(base).resolve()))
+    hf = M.read_json(Path(base) / "config.json")
     disk = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
-    if model.lm_head.weight.dtype == disk:
-        M.save_pretrained(model, tok, out)
-        return
-    full, _ = M.load(base, device="cpu", dtype=disk)  # merge into full-precision weights, not bf16 copies
-    M.load_adapter(full, out)
-    M.save_pretrained(full, tok, out)
+    with M.atomic_dir(out / "model") as tmp:
+        if model.lm_head.weight.dtype == disk:
+            M.save_pretrained(model, tok, tmp)
+        else:
+            full, _ = M.load(base, device="cpu", dtype=disk)  # merge into full-precision weights, not bf16 copies
+            M.load_adapter(full, out / "adapter")
+            M.save_pretrained(full, tok, tmp)
 
 
-def finished(cfg):
-    """The summary of a run that already completed with this config, else None."""
-    p = Path(cfg.out) / "summary.json"
-    if p.exists():
-        s = json.loads(p.read_text())
-        if s.get("config") == asdict(cfg):
-            return s
-    return None
+class StaleOutput(ValueError):
+    """The output folder holds what another training (other settings, data or base) wrote."""
+
+
+OUTPUTS = ("model", "adapter", "checkpoint", "summary.json", "train_config.json", "train.jsonl", "ref_logps.json")
+OLD_LAYOUT = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
+              "tokenizer.json", "tokenizer_config.json")   # merged model and adapter in <out> itself (before model/)
+UNFINGERPRINTED = ("base", "data", "out", "log", "overwrite", "save_every")  # named by their sha256, or no effect
+
+
+def fingerprint(cfg, rows, base):
+    """What a training's result depends on: its settings, the sha256 of its data and of its base weights."""
+    if rows is not None:
+        data = hashlib.sha256(M.json_text(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    else:
+        data = M._sha256(cfg.data)
+    return {"config": {k: v for k, v in asdict(cfg).items() if k not in UNFINGERPRINTED},
+            "data_sha256": data, "base_sha256": M.weights_sha256(base)}
+
+
+def differences(old, new):
+    """How a recorded fingerprint differs from this training's, in words ([] when they are equal)."""
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return ["it records no fingerprint of its settings and data (written by an older version)"]
+    was, now = old["config"], new["config"]
+    diff = [f"{k} {was.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    for key, what in (("data_sha256", "data sha256"), ("base_sha256", "base weights sha256")):
+        if old.get(key) != new[key]:
+            diff.append(f"{what} {str(old.get(key))[:12]}... (now {new[key][:12]}...)")
+    return diff
+
+
+def clear_outputs(out, log=""):
+    """Delete what a training writes into `out` (and its log), and the files of the older one-folder layout."""
+    out = Path(out)
+    for name in OUTPUTS + OLD_LAYOUT:
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    if log:
+        Path(log).unlink(missing_ok=True)
+
+
+def reusable(cfg, fp):
+    """The summary when <out> holds this very training finished; None when there is nothing there or a checkpoint
+    of this training to resume. What another training wrote there is a StaleOutput error naming the difference,
+    unless cfg.overwrite, which deletes it first."""
+    out = Path(cfg.out)
+    if cfg.overwrite:
+        if os.environ.get("RANK", "0") == "0":   # under torchrun one process clears, before the group forms
+            clear_outputs(out, cfg.log)
+        return None
+    records = [(out / "summary.json", "finished output"), (out / "checkpoint" / "state.safetensors", "checkpoint"),
+               (out / "train_config.json", "training's settings")]
+    found = [(p, what) for p, what in records if p.exists()]
+    for p, what in found:
+        rec = checkpoint_state(p) if p.suffix == ".safetensors" else M.read_json(p)
+        if diff := differences(rec.get("fingerprint"), fp):
+            raise StaleOutput(f"{p}: this {what} comes from another training: {'; '.join(diff)}. Pass --overwrite "
+                              f"to delete {out}'s training outputs and start over, or choose another --out.")
+    if not found and (taken := [n for n in ("model", "adapter") + OLD_LAYOUT if (out / n).exists()]):
+        raise StaleOutput(f"{out} already holds {', '.join(taken)}, not written by a training of this version; "
+                          "pass --overwrite to replace them, or choose another --out.")
+    published = all((out / d).is_dir() for d in ("model", "adapter"))   # else resume: the checkpoint republishes
+    return M.read_json(out / "summary.json") if (out / "summary.json").exists() and published else None
+
+
+def prepare(cfg, rows):
+    """Check the settings, read the data, and see what <out> already holds: (located rows, base path, fingerprint,
+    finished summary or None)."""
+    check_config(cfg)
+    located = load_rows(cfg, rows)
+    base = M.default_base() if cfg.base == "default" else Path(cfg.base)
+    M.load_config(base)   # a wrong --base is an error naming it, before anything is written
+    fp = fingerprint(cfg, rows, base)
+    return located, base, fp, reusable(cfg, fp)
+
+
+def begin(cfg, fp):
+    """<out>/train_config.json, the settings and fingerprint of the training that owns <out> from now on."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        M._atomic_text(Path(cfg.out) / "train_config.json", M.json_text({**asdict(cfg), "fingerprint": fp}, indent=2))
 
 
 def train(cfg: SFTConfig, rows: list[dict] | None = None) -> dict:
-    """Train a fresh LoRA on cfg.base with the SFT rows (or cfg.data); write model, adapter and summary to cfg.out."""
-    if done := finished(cfg):
+    """Train a fresh LoRA on cfg.base with the SFT rows (or cfg.data); write <out>/model, <out>/adapter and
+    <out>/summary.json. A finished or interrupted training of the same settings, data and base in <out> is
+    reused or resumed; anything else there is a StaleOutput error unless cfg.overwrite."""
+    located, _, fp, done = prepare(cfg, rows)
+    if done:
         return done
     model, tok, base, dev, amp = setup(cfg)
-    examples, dropped = encode_rows(load_rows(cfg, rows), sft_example(tok, cfg.max_len), cfg.skip_bad)
+    examples, dropped = encode_rows(located, sft_example(tok, cfg.max_len), cfg.skip_bad)
+    begin(cfg, fp)
     train_ex, eval_ex = split(examples, cfg.eval_frac, cfg.seed)
-    summary = fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate, sft_loss, sft_count)
-    return finish(cfg, summary, dropped)
+    summary = fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate, sft_loss, sft_count, fingerprint=fp)
+    return finish(cfg, summary, dropped, fp)
 
 
-def finish(cfg, summary, dropped):
-    summary = {**summary, "dropped": dropped, "config": asdict(cfg)}
+def finish(cfg, summary, dropped, fp=None):
+    summary = {**summary, "dropped": dropped, "config": asdict(cfg), "fingerprint": fp}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        M._atomic_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
-    return summary
+        M._atomic_text(Path(cfg.out) / "summary.json", M.json_text(summary, indent=2))   # last: marks it finished
+    return M._finite_json(summary)
 
 
-def parse_config(cls, argv=None, description=None):
-    """argparse flags generated from a config dataclass: kebab-case, each with its comment as help."""
+def parse_config(cls, argv=None, description=None, rules=RULES):
+    """argparse flags generated from a config dataclass: kebab-case, each with its comment as help.
+    A value out of its range (rules) stops argparse with a one-line message and exit status 2."""
     import inspect
-    import re
     helps = {}
     for c in reversed(cls.__mro__[:-1]):  # a subclass's comments override its parent's
         helps.update(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(c), re.M))
@@ -494,14 +687,43 @@ def parse_config(cls, argv=None, description=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name),
+            p.add_argument(flag, type=_checked(typ, rules.get(f.name)), default=f.default, help=helps.get(f.name),
                            required=f.name in ("data", "out"))
-    return cls(**vars(p.parse_args(argv)))
+    a = p.parse_args(argv)
+    cfg = cls(**vars(a))
+    try:
+        check_config(cfg, rules)   # what one flag alone cannot tell (fp16 needs CUDA)
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
+
+
+def _checked(typ, rule):
+    """An argparse type: the conversion, then the setting's rule; a failure is argparse's one-line error."""
+    def convert(text):
+        try:
+            value = typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n' if typ is int else ''} {typ.__name__}: {text!r}") from None
+        if rule is not None and (msg := rule(value)) is not None:
+            raise argparse.ArgumentTypeError(msg)
+        return value
+    convert.__name__ = typ.__name__
+    return convert
+
+
+def cli(cfg, run):
+    """Run a training for the command line: an output folder of another training, or a run stopped by the weight
+    checks, is a one-line error with exit status 1."""
+    try:
+        summary = run(cfg)
+    except (StaleOutput, TrainingStopped) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(summary, indent=2))
 
 
 def main(argv=None):
-    cfg = parse_config(SFTConfig, argv, __doc__.splitlines()[0])
-    print(json.dumps(train(cfg), indent=2))
+    cli(parse_config(SFTConfig, argv, __doc__.splitlines()[0]), train)
 
 
 if __name__ == "__main__":

@@ -20,22 +20,15 @@ import bootstrap as B  # noqa: E402
 import evaluate as E  # noqa: E402
 import stages as S  # noqa: E402
 
-STAGE_FILES = ["data.jsonl", "rejected.jsonl", "train.jsonl", "eval.json", "samples.jsonl",
+STAGE_FILES = ["data.jsonl", "rejected.jsonl", "train.jsonl", "eval.json", "samples.jsonl", "summary.json",
                "model/model.safetensors", "model/config.json", "model/tokenizer.json",
-               "model/adapter_model.safetensors", "model/adapter_config.json"]
+               "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
 
 
 def tree_digest(path):
     """sha256 of every file under path, by relative name."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    run = B.run_pipeline(B.PRESETS["smoke"], root=root, name="s", gate=False)
-    return run
 
 
 def test_smoke_layout_provenance_report(smoke_run):
@@ -61,10 +54,10 @@ def test_smoke_layout_provenance_report(smoke_run):
         assert ev["split"] == "test" and 0 <= ev["vs_base"]["p"] <= 1 and ev["floor"]["responder"] in E.RESPONDERS
     # the adapter of each stage names its own parent (DESIGN: chained adapters)
     for k in range(2, 7):     # stage 6's DPO adapter sits on its supervised (SL-CAI) model, which sits on stage 5
-        cfg = json.loads((d / f"stage{k}" / "model" / "adapter_config.json").read_text())
-        parent = d / "stage6" / "sl" if k == 6 else d / f"stage{k - 1}" / "model"
+        cfg = json.loads((d / f"stage{k}" / "adapter" / "adapter_config.json").read_text())
+        parent = d / "stage6" / "sl" / "model" if k == 6 else d / f"stage{k - 1}" / "model"
         assert Path(cfg["base_model_name_or_path"]) == parent.resolve()
-    sl = json.loads((d / "stage6" / "sl" / "adapter_config.json").read_text())
+    sl = json.loads((d / "stage6" / "sl" / "adapter" / "adapter_config.json").read_text())
     assert Path(sl["base_model_name_or_path"]) == (d / "stage5" / "model").resolve()
     report = (d / "report.md").read_text()
     assert report.count("\n| ") == 7 and "![loss curves](loss.svg)" in report

@@ -181,4 +181,5 @@ def test_stage6_trains_the_supervised_step_before_dpo(tmp_path, monkeypatch):
                          "model_dir": lambda self, k: tmp_path / f"stage{k}" / "model"})()
     B.train_stage(run, 6, [], 0)
     assert [c[0] for c in calls] == ["sft", "dpo"]
-    assert calls[0][1] == str(tmp_path / "stage5" / "model") and calls[1][1] == calls[0][2]   # DPO on the SL model
+    assert calls[0][1] == str(tmp_path / "stage5" / "model")              # SL-CAI on stage 5's model
+    assert calls[1][1] == str(Path(calls[0][2]) / "model")                 # DPO on the SL model

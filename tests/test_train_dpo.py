@@ -74,7 +74,7 @@ def test_twenty_pairs_reach_full_accuracy_growing_margin_and_greedy_moves_to_cho
     assert steps[-1]["rewards/margin"] > steps[0]["rewards/margin"] + 1.0
     assert s["train_loss"] < 0.1
     parent, tok = M.load(base)
-    tuned, _ = M.load(cfg.out)
+    tuned, _ = M.load(Path(cfg.out) / "model")
     batch = D.collate_pairs([D.dpo_example(tok, 64)(r) for r in rows], tok.pad_id)
     with torch.no_grad():
         before, after = (S.policy_logprobs(m, batch) for m in (parent, tuned))
@@ -104,7 +104,7 @@ def test_resume_is_exact(tmp_path, base, monkeypatch):
         D.train(cfg, rows)
     monkeypatch.setattr(S, "save_checkpoint", real)
     resumed = D.train(cfg, rows)
-    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "killed"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("full", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed["train_loss"] == full["train_loss"]
 
 

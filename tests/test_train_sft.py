@@ -143,7 +143,7 @@ def test_grad_accumulation_equals_one_batch_k_times_larger(tmp_path, base):
     big = S.train(cfg_for(tmp_path, base, batch_size=4, grad_accum=1, epochs=3, out=str(tmp_path / "big")), rows)
     acc = S.train(cfg_for(tmp_path, base, batch_size=1, grad_accum=4, epochs=3, out=str(tmp_path / "acc")), rows)
     assert big["steps"] == acc["steps"] == 3
-    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("big", "acc"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("big", "acc"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     la, lb = ([r["loss"] for r in log(S.SFTConfig(out=str(tmp_path / d)))] for d in ("big", "acc"))
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
@@ -154,7 +154,7 @@ def test_twenty_examples_are_learned_and_greedy_reproduces_an_answer(tmp_path, b
     cfg = cfg_for(tmp_path, base, epochs=60, lr=3e-3, lora_r=16, lora_alpha=32, warmup=5)
     s = S.train(cfg, rows)
     assert s["train_loss"] < 0.1
-    net, tok = M.load(cfg.out)  # the merged model, as written
+    net, tok = M.load(Path(cfg.out) / "model")  # the merged model, as written
     for row in rows[:3]:
         ids, _ = tok.encode_chat(row["messages"][:1], add_generation_prompt=True)
         x = torch.tensor([ids])
@@ -171,24 +171,28 @@ def test_outputs_are_a_merged_model_and_a_peft_adapter_naming_its_parent(tmp_pat
     cfg = cfg_for(tmp_path, base, max_steps=3, lr=1e-2)
     S.train(cfg, qa_rows(8))
     out = Path(cfg.out)
-    acfg = json.loads((out / "adapter_config.json").read_text())
+    acfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert acfg["base_model_name_or_path"] == str(Path(base).resolve()) and acfg["r"] == 8
     assert json.loads((out / "train_config.json").read_text())["lr"] == 1e-2
-    merged, _ = M.load(out)
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                                  "tokenizer_config.json"]   # no adapter files beside
+    merged, _ = M.load(out / "model")
     parent, _ = M.load(base)
     x = torch.randint(0, 259, (2, 20))
     with torch.no_grad():
         ref = parent(x)
-        with_adapter = M.load_adapter(parent, out)(x)
+        with_adapter = M.load_adapter(parent, out / "adapter")(x)
         got = merged(x)
     assert (with_adapter - ref).abs().max() > 1e-3  # the adapter changes the outputs (peft #1579)
     assert torch.allclose(got, with_adapter, atol=1e-5)
     peft = pytest.importorskip("peft")
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
-    pm = peft.PeftModel.from_pretrained(hf, out).eval()
+    pm = peft.PeftModel.from_pretrained(hf, out / "adapter").eval()
+    merged_hf = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
     with torch.no_grad():
         assert torch.allclose(pm(input_ids=x).logits, got, atol=1e-4)
+        assert torch.allclose(merged_hf(input_ids=x).logits, got, atol=1e-4)
 
 
 class Killed(Exception):
@@ -211,9 +215,9 @@ def test_resume_after_kill_gives_the_same_adapter_and_a_finished_run_is_not_redo
     with pytest.raises(Killed):
         S.train(cfg, rows)
     monkeypatch.setattr(S, "save_checkpoint", real)
-    assert not (Path(cfg.out) / "adapter_model.safetensors").exists()
+    assert not (Path(cfg.out) / "adapter").exists()
     resumed = S.train(cfg, rows)
-    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "killed"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("full", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["steps"] == full["steps"] and resumed["train_loss"] == full["train_loss"]
     assert [r["step"] for r in log(cfg)] == list(range(1, full["steps"] + 1))
@@ -224,7 +228,7 @@ def test_resume_after_kill_gives_the_same_adapter_and_a_finished_run_is_not_redo
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, base):
     cfg = cfg_for(tmp_path, base, lr=1e30, warmup=0, save_every=1, max_steps=6)
-    with pytest.raises(RuntimeError, match=r"loss is (nan|inf).*last good checkpoint"):
+    with pytest.raises(RuntimeError, match=r"loss is (nan|inf).*last checkpoint whose weights are all finite is kept"):
         S.train(cfg, qa_rows(8))
     from safetensors import safe_open
     with safe_open(str(Path(cfg.out) / "checkpoint" / "state.safetensors"), "pt") as f:
@@ -262,8 +266,8 @@ def test_cli_flags_come_from_the_config_with_help_and_defaults():
                          check=True).stdout
     for f in S.SFTConfig.__dataclass_fields__:
         assert "--" + f.replace("_", "-") in out
-    cfg = S.parse_config(S.SFTConfig, ["--data", "x", "--out", "y", "--lora-r", "4", "--no-resume"])
-    assert cfg.lora_r == 4 and cfg.resume is False and cfg.lr == S.SFTConfig.lr
+    cfg = S.parse_config(S.SFTConfig, ["--data", "x", "--out", "y", "--lora-r", "4", "--overwrite"])
+    assert cfg.lora_r == 4 and cfg.overwrite is True and cfg.lr == S.SFTConfig.lr
 
 
 def test_torchrun_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, base):
@@ -282,7 +286,7 @@ def test_torchrun_two_processes_match_one_process_with_twice_the_accumulation(tm
     l1, l2 = log(one), log(two)
     assert len(l1) == len(l2) == 6
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(l1, l2)) <= 1e-4
-    a, b = (load_file(str(Path(c.out) / "adapter_model.safetensors")) for c in (one, two))
+    a, b = (load_file(str(Path(c.out) / "adapter" / "adapter_model.safetensors")) for c in (one, two))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
 
 
@@ -291,5 +295,5 @@ def test_activation_checkpointing_gives_the_same_update(tmp_path, base):
     for ckpt in (False, True):
         cfg = cfg_for(tmp_path, base, grad_checkpoint=ckpt, max_steps=2, out=str(tmp_path / f"c{ckpt}"))
         S.train(cfg, qa_rows(8))
-        outs.append(load_file(str(Path(cfg.out) / "adapter_model.safetensors")))
+        outs.append(load_file(str(Path(cfg.out) / "adapter" / "adapter_model.safetensors")))
     assert max((outs[0][k] - outs[1][k]).abs().max().item() for k in outs[0]) <= 1e-6
