@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -68,7 +69,57 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- one batch
+# ----------------------------------------------------------------------------- the cache rows
+
+def fit_context(ids, max_new_tokens, context):
+    """Prompts cut from the left to leave room for one new token, and each row's new tokens capped to what fits."""
+    cut = [x[len(x) - context + 1:] if len(x) >= context else x for x in ids]
+    if n := sum(len(a) != len(b) for a, b in zip(ids, cut)):
+        warnings.warn(f"{n} prompt(s) longer than the model's context of {context} tokens: "
+                      "their beginnings are cut off", stacklevel=3)
+    return cut, [max(1, min(max_new_tokens, context - len(x))) for x in cut]
+
+
+def common_prefix(ids):
+    """Length of the token prefix shared by all prompts (>1), leaving each prompt at least one token of its own."""
+    if len(ids) < 2:
+        return 0
+    first, p = ids[0], min(len(x) for x in ids) - 1
+    for x in ids[1:]:
+        n = 0
+        while n < p and x[n] == first[n]:
+            n += 1
+        p = n
+    return p
+
+
+def prefill(model, ids, p, rows):
+    """Run prompts whose first p tokens are already in cache rows `rows` (a slice): (k, vocab) next-token logits.
+
+    Rows are right-padded: a row's slots are its positions, its pads land after its end, where its real
+    tokens never look and its own next tokens overwrite them.
+    """
+    dev = model.lm_head.weight.device
+    k, T = len(ids), max(len(x) for x in ids) - p
+    tokens = torch.zeros(k, T, dtype=torch.long, device=dev)
+    for i, x in enumerate(ids):
+        tokens[i, :len(x) - p] = torch.tensor(x[p:])
+    h = model(tokens, start=torch.full((k,), p, device=dev), rows=rows, hidden=True)  # (k, T, dim)
+    last = torch.tensor([len(x) - p - 1 for x in ids], device=dev)
+    return model.lm_head(h[torch.arange(k, device=dev), last])                         # (k, vocab)
+
+
+def compact(active, done):
+    """The rows left when the `done` rows of `active` leave: holes are filled from the end, so the running
+    rows stay the first ones. Returns (order: new row -> old row, moves: [(from, to)])."""
+    n = active - len(done)
+    holes = sorted(r for r in done if r < n)
+    movers = [r for r in range(n, active) if r not in done]
+    order = list(range(n))
+    for src, dst in zip(movers, holes):
+        order[dst] = src
+    return order, list(zip(movers, holes))
+
 
 def _held_back(text, stops):
     """Length of the tail of `text` that could still grow into a stop string (not streamed yet)."""
@@ -81,137 +132,165 @@ def _held_back(text, stops):
     return hold
 
 
-def _shrink_cache(model, keep):
-    """Drop finished rows from every layer's cache (rows are independent, so nothing else changes)."""
-    for layer in model.model.layers:
-        c = layer.self_attn.kv_cache
-        c.k, c.v = c.k[keep], c.v[keep]
+class Rows:
+    """What each prompt has written so far, and when it is done: the host side of decoding."""
+
+    def __init__(self, tokenizer, limits, stops, callback):
+        n = len(limits)
+        self.tok, self.limits, self.stops, self.callback = tokenizer, limits, stops, callback
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.out, self.texts, self.sent = [[] for _ in range(n)], [""] * n, [0] * n
+        self.track_text = bool(stops) or callback is not None
+        self.steps = [0] * n
+
+    def add(self, i, tok):
+        """Record prompt i's next token; True when prompt i is finished."""
+        self.steps[i] += 1
+        done = tok in self.stop_ids
+        if not done:
+            self.out[i].append(tok)
+        done = done or self.steps[i] >= self.limits[i]
+        if self.track_text:
+            text = self.tok.decode(self.out[i])
+            hit = [k for k in (text.find(s, max(0, len(self.texts[i]) - len(s))) for s in self.stops) if k >= 0]
+            if hit:
+                text, done = text[:min(hit)], True  # the stop string never reaches the output
+            self.texts[i] = text
+            if self.callback is not None:
+                end = len(text) if done else len(text) - _held_back(text, self.stops)
+                if end > self.sent[i]:
+                    self.callback(i, text[self.sent[i]:end])
+                    self.sent[i] = end
+        return done
+
+    def results(self):
+        return self.out, (self.texts if self.track_text else [self.tok.decode(o) for o in self.out])
 
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompt_ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
-                   repetition_penalty=None, stops=(), generator=None, callback=None):
-    """One batch of prompt token lists -> (generated ids, text) per row; ids leave out a stop token, text a stop string."""
+                   repetition_penalty=None, stops=(), generator=None, callback=None, batch_size=None,
+                   share_prefix=True, continuous=True, on_done=None):
+    """Prompt token lists -> (generated ids, text) per prompt; ids leave out a stop token, text a stop string.
+
+    batch_size cache rows (default: one per prompt) decode together; continuous: a finished row takes the
+    next waiting prompt at once (else a new batch starts when all rows are done). share_prefix: the
+    prompts' common prefix is prefilled once. on_done(i, n_tokens) is called as each prompt finishes.
+    """
     dev = model.lm_head.weight.device
-    B, P = len(prompt_ids), max(len(x) for x in prompt_ids)
-    L = P + max_new_tokens
-    stop_ids = set(tokenizer.stop_ids)
-    # the whole sequence and its mask are allocated once; each step fills one column
-    tokens = torch.full((B, L), tokenizer.pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros(B, L, dtype=torch.long, device=dev)
-    for i, ids in enumerate(prompt_ids):
-        tokens[i, P - len(ids):P] = torch.tensor(ids, device=dev)
-        mask[i, P - len(ids):P] = 1
+    ids, limits = fit_context(prompt_ids, max_new_tokens, model.config.max_position_embeddings)
+    B = min(batch_size or len(ids), len(ids))
+    p = common_prefix(ids) if share_prefix else 0
+    rows = Rows(tokenizer, limits, stops, callback)
     seen = None
     if repetition_penalty not in (None, 1.0):
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=dev)
-        for i, ids in enumerate(prompt_ids):
-            seen[i, ids] = True
-    slots = torch.arange(L, device=dev)
-
-    rows = list(range(B))                     # batch position -> row of prompt_ids
-    out = [[] for _ in range(B)]              # generated ids (stop token excluded)
-    texts, sent = [""] * B, [0] * B           # decoded text so far, characters already streamed
-    done = [False] * B
-    track_text = bool(stops) or callback is not None
-    model.setup_cache(B, L)
+    model.setup_cache(B + (p > 0), max(len(x) + n for x, n in zip(ids, limits)))
     try:
-        logits = model(tokens[:, :P], attention_mask=mask, input_pos=slots[:P], last_only=True)[:, -1]
-        for t in range(P, L):
-            active = [j for j, r in enumerate(rows) if not done[r]]
-            idx = torch.tensor(active, device=dev)
-            lg = logits[idx]  # finished rows are never sampled
+        if p:
+            prefill(model, [ids[0][:p]], 0, slice(B, B + 1))  # the shared prefix, into the spare last row
+        queue = list(range(len(ids)))[::-1]  # popped from the end: prompts in order
+        held, lens, logits = [], [], None    # per cache row: prompt index, filled slots; (rows, vocab)
+        while queue or held:
+            if queue and (continuous or not held) and len(held) < B:  # free rows take waiting prompts
+                new = [queue.pop() for _ in range(min(B - len(held), len(queue)))]
+                rs = slice(len(held), len(held) + len(new))
+                if p:
+                    model.copy_cache_rows(B, rs, p)
+                lg = prefill(model, [ids[i] for i in new], p, rs)
+                if seen is not None:
+                    seen[rs] = False
+                    for j, i in enumerate(new):
+                        seen[rs.start + j, ids[i]] = True
+                logits = lg if logits is None else torch.cat([logits, lg])
+                held, lens = held + new, lens + [len(ids[i]) for i in new]
+            lg = logits if seen is None else apply_repetition_penalty(logits, seen[:len(held)], repetition_penalty)
+            nxt = sample_next(lg, temperature, top_k, top_p, generator)      # (rows,)
             if seen is not None:
-                lg = apply_repetition_penalty(lg, seen[idx], repetition_penalty)
-            nxt = sample_next(lg, temperature, top_k, top_p, generator)
-            tokens[idx, t], mask[idx, t] = nxt, 1  # finished rows get a masked pad
-            if seen is not None:
-                seen[idx, nxt] = True
-            for j, tok in zip(active, nxt.tolist()):
-                r = rows[j]
-                if tok in stop_ids:
-                    done[r] = True
-                else:
-                    out[r].append(tok)
-                if not track_text:
-                    continue
-                text = tokenizer.decode(out[r])
-                hit = [k for k in (text.find(s, max(0, len(texts[r]) - len(s))) for s in stops) if k >= 0]
-                if hit:
-                    text, done[r] = text[:min(hit)], True  # the stop string never reaches the output
-                texts[r] = text
-                if callback is not None:
-                    end = len(text) if done[r] or t == L - 1 else len(text) - _held_back(text, stops)
-                    if end > sent[r]:
-                        callback(r, text[sent[r]:end])
-                        sent[r] = end
-            running = [j for j, r in enumerate(rows) if not done[r]]
-            if not running or t == L - 1:
-                break
-            if len(running) <= len(rows) // 2:  # half the batch or more has finished: stop computing it
-                keep = torch.tensor(running, device=dev)
-                _shrink_cache(model, keep)
-                tokens, mask, rows = tokens[keep], mask[keep], [rows[j] for j in running]
-                seen = seen[keep] if seen is not None else None
-            logits = model(tokens[:, t:t + 1], attention_mask=mask, input_pos=slots[t:t + 1], last_only=True)[:, -1]
+                seen[torch.arange(len(held), device=dev), nxt] = True
+            done = [r for r, (i, t) in enumerate(zip(held, nxt.tolist())) if rows.add(i, t)]
+            for r in done:
+                if on_done is not None:
+                    on_done(held[r], len(rows.out[held[r]]))
+            order, moves = compact(len(held), done)
+            for src, dst in moves:  # a finished row's place goes to the last running row
+                model.copy_cache_rows(src, slice(dst, dst + 1), lens[src])
+                if seen is not None:
+                    seen[dst] = seen[src]
+            held, lens, logits = [held[r] for r in order], [lens[r] for r in order], None
+            if held:  # one step for the running rows only: each writes its token at its own next slot
+                start = torch.tensor(lens, device=dev)
+                logits = model(nxt[order][:, None], start=start, rows=slice(0, len(held)), last_only=True)[:, 0]
+                lens = [n + 1 for n in lens]
     finally:
         model.clear_cache()  # training code must never see a cache
-    if not track_text:
-        texts = [tokenizer.decode(ids) for ids in out]
-    return out, texts
+    return rows.results()
 
 
 # ----------------------------------------------------------------------------- the public function
 
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
-             repetition_penalty=None, stop=None, seed=None, batch_size=16, callback=None, progress=False):
+             repetition_penalty=None, stop=None, seed=None, batch_size=16, callback=None, progress=False,
+             share_prefix=True, continuous=True):
     """Answer each prompt (a text is one user turn; or a list of {"role", "content"} messages).
 
     Returns the responses in prompt order, special tokens skipped, any stop string cut off with
     everything after it. callback(i, piece) receives each prompt's text as it is produced.
     progress: True shows a tqdm bar; a tqdm bar is updated instead (the CLI shares one across calls).
+    share_prefix, continuous: see generate_batch (off only to measure or test them).
     """
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     ids = [tokenizer.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
-    # similar lengths batched together waste less on padding; longest first shows a slow batch early
+    if not ids:
+        return []
+    # longest first: rows admitted together have similar lengths (little padding) and a slow prompt starts early
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     dev = model.lm_head.weight.device
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     bar = progress if hasattr(progress, "update") else tqdm(total=len(ids), unit="prompt", disable=not progress)
-    results = [None] * len(ids)
-    for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
-        cb = None if callback is None else (lambda r, piece, chunk=chunk: callback(chunk[r], piece))
-        out, texts = generate_batch(model, tokenizer, [ids[i] for i in chunk], max_new_tokens, temperature,
-                                    top_k, top_p, repetition_penalty, stops, generator, cb)
-        for i, text in zip(chunk, texts):
-            results[i] = text
-        bar.update(len(chunk))
+
+    def done(j, n):
+        bar.update(1)
         if not bar.disable:
-            bar.tokens = getattr(bar, "tokens", 0) + sum(len(o) for o in out)
+            bar.tokens = getattr(bar, "tokens", 0) + n
             bar.set_postfix(tok_s=f"{bar.tokens / max(time.time() - bar.start_t, 1e-9):.1f}")
+
+    cb = None if callback is None else (lambda j, piece: callback(order[j], piece))
+    _, texts = generate_batch(model, tokenizer, [ids[i] for i in order], max_new_tokens, temperature, top_k, top_p,
+                              repetition_penalty, stops, generator, cb, batch_size, share_prefix, continuous, done)
     if bar is not progress:
         bar.close()
+    results = [None] * len(ids)
+    for i, text in zip(order, texts):
+        results[i] = text
     return results
 
 
 @torch.inference_mode()
 def choice_logprobs(model, tokenizer, prompts, options, batch_size=16):
     """For each prompt, the log-probability of each option's first token as the first token of the answer:
-    a judge's verdict read from one forward pass, with no sampling (used to score A/B in both orders)."""
+    a judge's verdict read from one forward pass, with no sampling (used to score A/B in both orders).
+    The prompts' common prefix (instructions, demonstrations) is computed once."""
     first = [tokenizer.encode(o)[0] for o in options]
-    ids = [tokenizer.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
-    dev = model.lm_head.weight.device
+    ids, _ = fit_context([tokenizer.encode_chat(p, add_generation_prompt=True)[0] for p in prompts], 1,
+                         model.config.max_position_embeddings)
+    if not ids:
+        return []
+    p = common_prefix(ids)
+    B = min(batch_size, len(ids))
     out = []
-    for b in range(0, len(ids), batch_size):
-        chunk = ids[b:b + batch_size]
-        P = max(len(x) for x in chunk)
-        tokens = torch.full((len(chunk), P), tokenizer.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros_like(tokens)
-        for i, x in enumerate(chunk):   # left padding, as in generation
-            tokens[i, P - len(x):], mask[i, P - len(x):] = torch.tensor(x, device=dev), 1
-        logp = model(tokens, attention_mask=mask, last_only=True)[:, -1].float().log_softmax(-1)
-        out += logp[:, first].tolist()
+    model.setup_cache(B + 1, max(len(x) for x in ids))
+    try:
+        if p:
+            prefill(model, [ids[0][:p]], 0, slice(B, B + 1))
+        for b in range(0, len(ids), B):
+            chunk = ids[b:b + B]
+            rs = slice(0, len(chunk))
+            if p:
+                model.copy_cache_rows(B, rs, p)
+            out += prefill(model, chunk, p, rs).float().log_softmax(-1)[:, first].tolist()
+    finally:
+        model.clear_cache()
     return out
 
 

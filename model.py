@@ -120,18 +120,43 @@ def rotate_half(x):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, written in place at the given slots."""
+    """Preallocated keys and values: `batch` rows of `max_len` slots, each row filled from slot 0.
+
+    A row's slot is its token's position, so rows of different lengths need no padding and a row
+    can be refilled with a new prompt while the others go on (continuous batching).
+    """
 
     def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
         super().__init__()
         self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device))
 
-    def update(self, input_pos, k, v):
-        self.k.index_copy_(2, input_pos, k)  # (B, n_kv, S, hd)
-        self.v.index_copy_(2, input_pos, v)
-        end = int(input_pos[-1]) + 1         # attend only to the filled prefix
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, where, k, v):
+        """Write k, v (B, n_kv, T, hd) at `where`; return the rows' keys and values over their filled slots."""
+        rows, row_ids, slots, S = where                # slice, (B, 1), (B, T), int
+        self.k[row_ids, :, slots] = k.transpose(1, 2)  # (B, T, n_kv, hd) into (rows, n_kv, slots, hd)
+        self.v[row_ids, :, slots] = v.transpose(1, 2)
+        return self.k[rows, :, :S], self.v[rows, :, :S]  # (B, n_kv, S, hd): attend to the filled part only
+
+    def copy_rows(self, src, dst, n):
+        """Slots [0, n) of row src into rows dst (a slice): a shared prefix, or a row moved to another slot."""
+        self.k[dst, :, :n] = self.k[src, :, :n]
+        self.v[dst, :, :n] = self.v[src, :, :n]
+
+
+def decode_attention(q, k, v, bias):
+    """Attention of one new token per row: q (B, nh, 1, hd), k and v (B, n_kv, S, hd), bias (B, 1, 1, S) or None.
+
+    The query heads that share a kv head are the rows of one small matmul, so keys and values are
+    never repeated per head. On CPU this measured 1.5x (fp32) to 5x (bf16) faster than SDPA, whose
+    kernels are built for many queries.
+    """
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    s = (q.reshape(B, nkv, nh // nkv, hd) @ k.transpose(-1, -2)) * hd ** -0.5  # (B, n_kv, group, S)
+    if bias is not None:
+        s = s + bias
+    return (s.softmax(-1) @ v).reshape(B, nh, 1, hd)
 
 
 class Attention(nn.Module):
@@ -147,7 +172,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def forward(self, x, cos, sin, mask, where=None):
+        """mask: for T > 1, (B, 1, T, S) bool or None for causal (queries and keys both from slot 0);
+        for T == 1, an additive (B, 1, 1, S) bias or None for every key."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -157,9 +184,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)   # (B, n_kv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        if where is not None:
+            k, v = self.kv_cache.update(where, k, v)     # (B, n_kv, S, hd)
+        if T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -182,8 +213,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, where=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, where)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -206,7 +237,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointing = False  # activation checkpointing per block (training)
-        self._inv_freq = None
+        self._rope = None           # (cos, sin) fp32 tables (slots, hd), grown on demand
 
     def setup_cache(self, batch, max_len, dtype=None):
         """Give every layer a preallocated cache for `batch` rows of up to `max_len` tokens."""
@@ -219,49 +250,87 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens, attention_mask=None, input_pos=None, last_only=False, hidden=False):
+    def copy_cache_rows(self, src, dst, n):
+        """Every layer's slots [0, n) of cache row src into the rows dst (a slice)."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.copy_rows(src, dst, n)
+
+    def rope(self, pos, n, dtype):
+        """cos and sin (B, 1, T, hd) for positions pos (B, T) below n, looked up in a table built once."""
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != pos.device:
+            size = max(n, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256)
+            # a plain tensor even when first built under inference_mode: training uses the same table
+            with torch.inference_mode(False), torch.no_grad():
+                inv = rope_frequencies(self.config).to(pos.device)
+                ang = torch.arange(size, device=pos.device).float()[:, None] * inv
+                ang = torch.cat((ang, ang), dim=-1)                  # (slots, hd)
+                self._rope = (ang.cos(), ang.sin())
+        return tuple(t[pos][:, None].to(dtype) for t in self._rope)
+
+    def _padding(self, attention_mask, B, T, dev):
+        """Positions (B, T) and mask for a forward without cache. Right padding (or none) is plain causal
+        attention: a real token never sees a later pad. Left padding needs an explicit mask and shifted positions."""
+        if attention_mask is None:
+            return torch.arange(T, device=dev)[None], None
+        valid = attention_mask.bool()                                 # (B, T)
+        if not bool((valid[:, 1:] & ~valid[:, :-1]).any()):           # every row: real tokens, then pads
+            return torch.arange(T, device=dev)[None].expand(B, T), None
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)              # (B, T)
+        key = torch.arange(T, device=dev)
+        causal = key[None, :] <= key[:, None]                         # (T, S=T)
+        # a pad query sees itself only, so its row stays finite and never poisons a real one
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+        return pos, mask[:, None]                                     # (B, 1, T, S)
+
+    def _cache_where(self, start, rows, B, T, dev):
+        """Slots, attention mask and write target for T new tokens after each row's `start` filled slots."""
+        rows = rows or slice(0, B)
+        slots = start[:, None] + torch.arange(T, device=dev)          # (B, T): slot = position
+        lo, hi = start.aminmax()
+        lo, hi = int(lo), int(hi)
+        S = hi + T
+        key = torch.arange(S, device=dev)
+        if lo == hi and (T == 1 or lo == 0):
+            mask = None                                               # every key, or plain causal from slot 0
+        elif T == 1:                                                  # additive, for decode_attention
+            dtype = self.model.embed_tokens.weight.dtype
+            mask = torch.zeros(B, 1, 1, S, dtype=dtype, device=dev).masked_fill_(
+                key > slots[:, None, :, None], float("-inf"))         # (B, 1, 1, S)
+        else:                                                         # a query sees its row's slots up to its own
+            mask = (key <= slots[..., None])[:, None]                 # (B, 1, T, S)
+        row_ids = torch.arange(rows.start, rows.stop, device=dev)[:, None]     # (B, 1)
+        return slots, mask, (rows, row_ids, slots, S)
+
+    def forward(self, tokens, attention_mask=None, start=None, rows=None, last_only=False, hidden=False):
         """tokens (B, T) -> logits (B, T, vocab).
 
-        attention_mask (B, S): 1 for real tokens, 0 for (left) padding, over every slot seen so far
-        (S = T without a cache; with a cache, all slots up to at least the last of `input_pos`).
-        input_pos (T,): cache slots of these tokens; None means no cache and slots 0..T-1.
-        Each row's positions count only its real tokens, so left padding does not shift RoPE.
+        Without a cache: attention_mask (B, T) is 1 for real tokens, 0 for padding (right or left);
+        each row's positions count only its real tokens, so left padding does not shift RoPE.
+        With a cache (setup_cache): start (B,) is how many slots each row has filled; the tokens go to
+        slots start..start+T-1, which are also their positions, in cache rows `rows` (a slice, default
+        0..B-1). Rows shorter than T are right-padded: their pads land past the row's end, unseen by its
+        real tokens, and are overwritten by the row's next tokens.
         hidden: return the final-norm states (B, T, dim) instead, for a loss that applies lm_head in chunks.
         """
         B, T = tokens.shape
         dev = tokens.device
-        if input_pos is None:
-            input_pos = torch.arange(T, device=dev)
-        S = int(input_pos[-1]) + 1
-        if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long, device=dev)
-        valid = attention_mask[:, :S].bool()                          # (B, S)
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos]  # (B, T)
-        key = torch.arange(S, device=dev)
-        causal = key[None, :] <= input_pos[:, None]                   # (T, S)
-        # a pad query sees itself only, so its row stays finite and never poisons a real one
-        mask = (causal[None] & valid[:, None, :]) | (key[None, None, :] == input_pos[None, :, None])
-        mask = mask[:, None]                                          # (B, 1, T, S)
-        if T == 1 and bool(valid.all()):
-            mask = None   # one new token over an unpadded prefix sees every slot: SDPA's unmasked path is faster
-
-        if self._inv_freq is None or self._inv_freq.device != dev:
-            self._inv_freq = rope_frequencies(self.config).to(dev)
-        ang = pos[..., None].float() * self._inv_freq                 # (B, T, hd/2)
-        ang = torch.cat((ang, ang), dim=-1)[:, None]                  # (B, 1, T, hd)
+        if start is None:
+            where, n = None, T
+            pos, mask = self._padding(attention_mask, B, T, dev)
+        else:
+            pos, mask, where = self._cache_where(start, rows, B, T, dev)
+            n = where[3]
         x = self.model.embed_tokens(tokens)
-        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        cos, sin = self.rope(pos, n, x.dtype)                         # (B or 1, 1, T, hd)
         for layer in self.model.layers:
             if self.checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos if layer.self_attn.kv_cache is not None else None)
-        x = self.model.norm(x)
-        if hidden:
-            return x
+                x = layer(x, cos, sin, mask, where)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        x = self.model.norm(x)
+        return x if hidden else self.lm_head(x)
 
 
 # ----------------------------------------------------------------------------- LoRA
