@@ -3,6 +3,7 @@ prompts, the sampling math against hand computation, stop handling on scripted m
 import copy
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -390,7 +391,7 @@ def test_cli_jsonl_round_trip_in_order(tiny, tmp_path):
              {"prompt": "What is the capital of France? Answer at length."}]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     G.main(["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-            "--max-new-tokens", "6", "--batch-size", "2"])
+            "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "fp32"])
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     want = G.generate(net, tok, [x.get("prompt") or x.get("messages") for x in lines], max_new_tokens=6)
     assert rows == [{**x, "response": r} for x, r in zip(lines, want)]
@@ -411,19 +412,20 @@ def test_cli_bad_line_names_file_and_line_and_generates_nothing(tiny, tmp_path):
 def test_cli_stdin_stdout_prompt_and_chat(tiny, monkeypatch, capsys):
     path, net, tok = tiny
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"prompt": "hi"}) + "\n"))
-    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system", "Be brief."])
+    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system", "Be brief.",
+            "--dtype", "fp32"])
     want = G.generate(net, tok, [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]],
                       max_new_tokens=5)[0]
     assert json.loads(capsys.readouterr().out) == {"prompt": "hi", "response": want}
 
-    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief."])
+    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief.", "--dtype", "fp32"])
     assert capsys.readouterr().out == want + "\n"
 
     seen = []
     real = G.generate
     monkeypatch.setattr(G, "generate", lambda m, t, p, **kw: seen.append(json.loads(json.dumps(p))) or real(m, t, p, **kw))
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n"))  # EOF after two turns
-    G.main(["--model", str(path), "--chat", "--max-new-tokens", "5"])
+    G.main(["--model", str(path), "--chat", "--max-new-tokens", "5", "--dtype", "fp32"])
     first = real(net, tok, ["hi"], max_new_tokens=5)[0]
     assert seen[1][0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
                           {"role": "user", "content": "more"}]  # history kept
@@ -439,3 +441,60 @@ def test_cli_help_explains_every_flag(capsys):
                  "--top-p", "--repetition-penalty", "--seed", "--stop", "--max-new-tokens", "--batch-size",
                  "--device", "--dtype"):
         assert flag in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"), (["--batch-size", "-1"], "--batch-size: must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"), (["--temperature", "-0.5"], "--temperature: must be >= 0"),
+    (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"), (["--top-p", "1.5"], r"--top-p: must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k: must be >= 1"), (["--repetition-penalty", "0"], "--repetition-penalty: must be > 0"),
+    (["--batch-size", "two"], "--batch-size: 'two' is not an integer")])
+def test_cli_refuses_bad_numbers_with_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", "nowhere", "--prompt", "hi", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]) and err[-1].startswith("usage:") is False
+
+
+def test_cli_refuses_cuda_without_cuda_and_output_equal_to_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", "nowhere", "--prompt", "hi", "--device", "cuda"])
+    assert e.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", "nowhere", "--input", str(f), "--output", str(tmp_path / "." / "in.jsonl")])
+    assert e.value.code == 2 and "--output is the --input file" in capsys.readouterr().err
+    assert f.read_text() == json.dumps({"prompt": "hi"}) + "\n"
+
+
+def test_cli_output_is_replaced_whole_and_survives_a_crash(tiny, tmp_path, monkeypatch):
+    path, _, _ = tiny
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "yo"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    argv = ["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-new-tokens", "3"]
+    real = G.generate
+
+    def crash(*a, **kw):
+        assert out.read_text() == "earlier results\n"  # not emptied before generating
+        raise KeyboardInterrupt
+    monkeypatch.setattr(G, "generate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        G.main(argv)
+    assert out.read_text() == "earlier results\n"
+    monkeypatch.setattr(G, "generate", real)
+
+    def replace_fails(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(G.os, "replace", replace_fails)  # a crash after the answers are written out
+    with pytest.raises(OSError, match="disk full"):
+        G.main(argv)
+    assert out.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
+    monkeypatch.undo()
+    G.main(argv)
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["hi", "yo"]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~G._umask()
