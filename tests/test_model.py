@@ -64,14 +64,43 @@ def make_hf(tmp_path, name, seed=0):
     return hf
 
 
+@pytest.mark.parametrize("small", [M.SMALL_ATTENTION, 0], ids=["matmul-attention", "sdpa"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_equal_transformers_on_random_configs(tmp_path, name):
+def test_logits_equal_transformers_on_random_configs(tmp_path, name, small, monkeypatch):
+    monkeypatch.setattr(M, "SMALL_ATTENTION", small)  # 0: every attention takes SDPA's path
     hf = make_hf(tmp_path, name)
     ours, _ = M.load(tmp_path)
     x = torch.randint(0, 259, (2, 40))
     with torch.no_grad():
         ref, got = hf(x).logits, ours(x)
     assert (ref - got).abs().max().item() <= 1e-4
+
+
+def test_both_attention_paths_agree_on_every_mask_with_gradients():
+    """The fp32 matmul path and SDPA: causal, one query, a boolean mask with a pad query, GQA; bf16 too."""
+    torch.manual_seed(0)
+    B, T, S = 3, 5, 9
+    allowed = torch.arange(S)[None, None, None] <= (torch.arange(T) + 4)[None, None, :, None]  # (1, 1, T, S)
+    allowed = allowed.expand(B, 1, T, S).clone()
+    allowed[1, 0, 2] = False
+    allowed[1, 0, 2, 6] = True                                         # a query that sees one key only
+    cases = [(T, T, None), (1, S, None), (T, S, allowed)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for t, s, mask in cases:
+            q = torch.randn(B, 6, t, 8, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(B, 2, s, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+            outs = []
+            for small in (1 << 30, 0):
+                M.SMALL_ATTENTION, saved = small, M.SMALL_ATTENTION
+                try:
+                    y = M.attention(q, k, v, mask)
+                finally:
+                    M.SMALL_ATTENTION = saved
+                grads = torch.autograd.grad(y.float().square().sum(), (q, k, v))
+                outs.append((y.float(), [g.float() for g in grads]))
+            assert y.dtype == dtype
+            assert (outs[0][0] - outs[1][0]).abs().max() <= tol
+            assert all((a - b).abs().max() <= 10 * tol for a, b in zip(outs[0][1], outs[1][1]))
 
 
 def test_left_padded_batch_matches_transformers_with_position_ids(tmp_path):
