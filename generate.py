@@ -75,12 +75,14 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 # ----------------------------------------------------------------------------- the cache rows
 
 def fit_context(ids, max_new_tokens, context):
-    """Prompts cut from the left to leave room for one new token, and each row's new tokens capped to what fits."""
+    """Prompts cut from the left to leave room for one new token, and each row's new tokens (an int, or one
+    per prompt) capped to what fits."""
     cut = [x[len(x) - context + 1:] if len(x) >= context else x for x in ids]
     if n := sum(len(a) != len(b) for a, b in zip(ids, cut)):
         warnings.warn(f"{n} prompt(s) longer than the model's context of {context} tokens: "
                       "their beginnings are cut off", stacklevel=3)
-    return cut, [max(1, min(max_new_tokens, context - len(x))) for x in cut]
+    want = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(ids)
+    return cut, [max(1, min(m, context - len(x))) for m, x in zip(want, cut)]
 
 
 def common_prefix(ids):
@@ -238,7 +240,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     """Answer each prompt (a text is one user turn; or a list of {"role", "content"} messages).
 
     Returns the responses in prompt order, special tokens skipped, any stop string cut off with
-    everything after it. callback(i, piece) receives each prompt's text as it is produced.
+    everything after it. max_new_tokens: an int, or one per prompt. callback(i, piece) receives each prompt's text as it is produced.
     progress: True shows a tqdm bar; a tqdm bar is updated instead (the CLI shares one across calls).
     share_prefix, continuous: see generate_batch (off only to measure or test them).
     """
@@ -259,6 +261,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
             bar.set_postfix(tok_s=f"{bar.tokens / max(time.time() - bar.start_t, 1e-9):.1f}")
 
     cb = None if callback is None else (lambda j, piece: callback(order[j], piece))
+    if isinstance(max_new_tokens, (list, tuple)):
+        max_new_tokens = [max_new_tokens[i] for i in order]
     _, texts = generate_batch(model, tokenizer, [ids[i] for i in order], max_new_tokens, temperature, top_k, top_p,
                               repetition_penalty, stops, generator, cb, batch_size, share_prefix, continuous, done)
     if bar is not progress:
@@ -270,7 +274,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
 
 
 @torch.inference_mode()
-def choice_logprobs(model, tokenizer, prompts, options, batch_size=16):
+def choice_logprobs(model, tokenizer, prompts, options, batch_size=16, share_prefix=True):
     """For each prompt, the log-probability of each option's first token as the first token of the answer:
     a judge's verdict read from one forward pass, with no sampling (used to score A/B in both orders).
     The prompts' common prefix (instructions, demonstrations) is computed once."""
@@ -279,7 +283,7 @@ def choice_logprobs(model, tokenizer, prompts, options, batch_size=16):
                          model.config.max_position_embeddings)
     if not ids:
         return []
-    p = common_prefix(ids)
+    p = common_prefix(ids) if share_prefix else 0
     B = min(batch_size, len(ids))
     out = []
     model.setup_cache(B + 1, max(len(x) for x in ids))
