@@ -1,6 +1,6 @@
 """Generation speed on the built-in model: ours against transformers in the same process, runs alternating.
 
-    python bench/bench_generate.py [--threads 2] [--parts decode,mixed,prefix] [--repeat 3]
+    python bench/bench_generate.py [--threads 2] [--parts decode,mixed,prefix] [--repeat 3] [--compile]
 
 decode  batch 1, 16 and 64 in fp32 and bf16: 128 new tokens per row, greedy, end tokens ignored (ours: the
         tokenizer's stop ids emptied; transformers: min_new_tokens = max_new_tokens), the same prompt ids.
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
-from generate import choice_logprobs, generate  # noqa: E402
+from generate import choice_logprobs, common_prefix, compile_blocks, generate  # noqa: E402
 
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper.", "Explain how rain forms.", "Write a poem about autumn.",
@@ -104,17 +104,23 @@ def decode(path, args, transformers):
     print(f"{'dtype, batch':34s} {'ours tok/s':>9s} {'xRSS':>7s} {'hf tok/s':>9s} {'xRSS':>7s} {'ours/hf':>8s}")
     for name in args.dtypes.split(","):
         net, tok, endless, hf = load_pair(path, DTYPES[name], transformers)
-        generate(net, endless, PROMPTS[:2], max_new_tokens=4)  # warm-up
+        nets = {"ours": net}
+        if args.compile:  # a second copy, compiled (about 20 s, in the warm-up below)
+            nets["compiled"] = compile_blocks(M.load(path, dtype=DTYPES[name])[0])
         for b in (int(x) for x in args.batches.split(",")):
             prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
             ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
-            runs = {"ours": lambda: generate(net, endless, prompts, max_new_tokens=args.new_tokens, batch_size=b)}
+            runs = {k: (lambda m=m: generate(m, endless, prompts, max_new_tokens=args.new_tokens, batch_size=b))
+                    for k, m in nets.items()}
+            for m in nets.values():
+                generate(m, endless, prompts, max_new_tokens=4, batch_size=b)  # warm-up (and compile)
             if hf is not None:
                 hf_generate(hf, tok, ids[:1], 2)  # warm-up
                 runs["hf"] = lambda: hf_generate(hf, tok, ids, args.new_tokens)
             r = best_of(runs, args.repeat)
-            row(f"{name} batch {b}", r["ours"], r.get("hf"), b * args.new_tokens)
-        del net, hf
+            for k in nets:
+                row(f"{name} batch {b}" + (" compiled" if k == "compiled" else ""), r[k], r.get("hf"), b * args.new_tokens)
+        del net, nets, hf
 
 
 def mixed(path, args, transformers):
@@ -160,7 +166,6 @@ def prefix(path, args, transformers):
         net, tok, _, hf = load_pair(path, DTYPES[name], transformers)
         ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
         total = sum(map(len, ids))
-        from generate import common_prefix
         p = common_prefix(ids)
         read = lambda share: choice_logprobs(net, tok, prompts, ["A", "B"], batch_size=16, share_prefix=share)  # noqa: E731
         runs = {"shared": lambda: read(True), "unshared": lambda: read(False)}
@@ -187,6 +192,7 @@ def main():
     ap.add_argument("--batches", default="1,16,64", help="decode: batch sizes (default 1,16,64)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="precisions (default fp32,bf16)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best of each run is kept (default 3)")
+    ap.add_argument("--compile", action="store_true", help="decode: also a torch.compile'd copy of ours")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

