@@ -4,9 +4,13 @@
     python generate.py --model DIR --input prompts.jsonl --output answers.jsonl   (- is stdin/stdout)
     python generate.py --model DIR --chat --temperature 0.7 --seed 0
 
-Prompts are rendered in the model's chat format with the assistant header, left-padded into
-batches (right padding would shift the positions of short rows), prefilled once, then decoded
-one token per step into a preallocated KV cache. Each row stops on its own.
+Prompts are rendered in the model's chat format with the assistant header and decoded by continuous
+batching over `batch_size` rows of a preallocated KV cache. Each row holds one prompt from slot 0 (its
+slots are its positions, so rows of any length need no padding); each step feeds every running row
+its last token; a row that finishes is replaced at once by the next waiting prompt, prefilled into
+that row, and when none waits the running rows close up, so no step computes a finished row. The
+token prefix common to all prompts (system prompt, few-shot demonstrations) is prefilled once and
+copied into each row. Prompts longer than the model's context are cut from the left, with a warning.
 """
 import argparse
 import json
@@ -35,19 +39,31 @@ def top_k_filter(logits, k):
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits, p):
+def top_p_filter(logits, p, candidates=256):
     """Nucleus: keep a token when the probability of the tokens ranked above it is < p.
 
-    The top token has nothing above it, so at least one token always survives.
+    The top token has nothing above it, so at least one token always survives. A row whose `candidates`
+    most likely tokens hold mass p has its nucleus among them, so only they are sorted; other rows sort
+    the whole vocabulary (for 64 rows of 49,152 tokens on 2 cores: topk 4 ms, a full sort 94 ms).
     """
     if p is None or p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
+    top, order = logits.topk(min(candidates, logits.shape[-1]), dim=-1)   # sorted, descending
+    probs = (top - logits.logsumexp(-1, keepdim=True)).exp()              # their share of the whole softmax
+    out = _nucleus(logits, top, order, probs, p)
+    short = probs.sum(-1) < p
+    if top.shape[-1] < logits.shape[-1] and bool(short.any()):
+        top, order = logits[short].sort(dim=-1, descending=True)
+        out[short] = _nucleus(logits[short], top, order, top.softmax(-1), p)
+    return out
+
+
+def _nucleus(logits, top, order, probs, p):
+    """logits with -inf outside the nucleus, from the leading tokens `top` (at `order`) and their probabilities."""
     before = probs.cumsum(-1) - probs  # mass strictly above each token
-    drop = before >= p
-    drop[..., 0] = False               # the top token stays even when p <= 0
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
+    keep = before < p
+    keep[..., 0] = True                # the top token stays even when p <= 0
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, top.masked_fill(~keep, float("-inf")))
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -67,7 +83,16 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         return logits.float().argmax(-1)  # exact; argmax over bf16 measured 5x slower than convert + argmax
     logits = apply_temperature(logits.float(), temperature)
     logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(-1), generator)
+
+
+def draw(probs, generator=None):
+    """One token per row of probs (B, vocab) by inverse CDF: a uniform per row against the running sum, the
+    first token whose sum exceeds it (a token of probability 0 never is). torch.multinomial took 46 ms for
+    64 rows of 49,152 tokens on 2 cores, this 2 ms."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- the cache rows

@@ -1,9 +1,10 @@
 """Generation speed on the built-in model: ours against transformers in the same process, runs alternating.
 
-    python bench/bench_generate.py [--threads 2] [--parts decode,mixed,prefix] [--repeat 3] [--compile]
+    python bench/bench_generate.py [--threads 2] [--parts decode,sampled,mixed,prefix] [--repeat 3] [--compile]
 
 decode  batch 1, 16 and 64 in fp32 and bf16: 128 new tokens per row, greedy, end tokens ignored (ours: the
         tokenizer's stop ids emptied; transformers: min_new_tokens = max_new_tokens), the same prompt ids.
+sampled the same at batch 64, sampling at temperature 0.8 with top-p 0.95 (transformers: top_k=0).
 mixed   64 prompts whose answers stop after 5 to 128 tokens (one limit per prompt), 16 rows at a time:
         continuous batching; ours static (a new batch of 16 starts when its last row is done, finished
         rows leave the batch); transformers' generate on the same batches (each runs to its longest answer).
@@ -77,11 +78,12 @@ def left_padded(tok, ids):
     return x, (x != tok.pad_id) | (torch.arange(P)[None] >= torch.tensor([P - len(i) for i in ids])[:, None])
 
 
-def hf_generate(hf, tok, ids, n):
+def hf_generate(hf, tok, ids, n, **sampling):
     x, mask = left_padded(tok, ids)
+    sampling = dict(do_sample=True, top_k=0, **sampling) if sampling else dict(do_sample=False)
     with torch.inference_mode():
-        out = hf.generate(x, attention_mask=mask.long(), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                          eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
+        out = hf.generate(x, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+                          eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id, **sampling)
     assert out.shape[1] == x.shape[1] + n, "transformers stopped early"
 
 
@@ -99,27 +101,35 @@ def row(label, ours, theirs, tokens, extra=""):
     print(f"{label:34s} {o} {t} {extra}", flush=True)
 
 
-def decode(path, args, transformers):
-    print(f"\n== decode: {args.new_tokens} new tokens per row, greedy, tok/s = rows x {args.new_tokens} / s")
+def sampled(path, args, transformers):
+    """decode, sampling at temperature 0.8 with top-p 0.95 (as the pipeline writes data), batch 64."""
+    decode(path, args, transformers, dict(temperature=0.8, top_p=0.95), [64])
+
+
+def decode(path, args, transformers, sampling=None, batches=None):
+    sampling = sampling or {}
+    how = "temperature 0.8, top-p 0.95" if sampling else "greedy"
+    print(f"\n== decode: {args.new_tokens} new tokens per row, {how}, tok/s = rows x {args.new_tokens} / s")
     print(f"{'dtype, batch':34s} {'ours tok/s':>9s} {'xRSS':>7s} {'hf tok/s':>9s} {'xRSS':>7s} {'ours/hf':>8s}")
     for name in args.dtypes.split(","):
         net, tok, endless, hf = load_pair(path, DTYPES[name], transformers)
         nets = {"ours": net}
         if args.compile:  # a second copy, compiled (about 20 s, in the warm-up below)
             nets["compiled"] = compile_blocks(M.load(path, dtype=DTYPES[name])[0])
-        for b in (int(x) for x in args.batches.split(",")):
+        for b in batches or [int(x) for x in args.batches.split(",")]:
             prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
             ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
-            runs = {k: (lambda m=m: generate(m, endless, prompts, max_new_tokens=args.new_tokens, batch_size=b))
-                    for k, m in nets.items()}
+            runs = {k: (lambda m=m: generate(m, endless, prompts, max_new_tokens=args.new_tokens, batch_size=b,
+                                             **sampling)) for k, m in nets.items()}
             for m in nets.values():
                 generate(m, endless, prompts, max_new_tokens=4, batch_size=b)  # warm-up (and compile)
             if hf is not None:
                 hf_generate(hf, tok, ids[:1], 2)  # warm-up
-                runs["hf"] = lambda: hf_generate(hf, tok, ids, args.new_tokens)
+                runs["hf"] = lambda: hf_generate(hf, tok, ids, args.new_tokens, **sampling)
             r = best_of(runs, args.repeat)
             for k in nets:
-                row(f"{name} batch {b}" + (" compiled" if k == "compiled" else ""), r[k], r.get("hf"), b * args.new_tokens)
+                row(f"{name} batch {b}" + (" compiled" if k == "compiled" else "") + (" sampled" if sampling else ""),
+                    r[k], r.get("hf"), b * args.new_tokens)
         del net, nets, hf
 
 
@@ -187,7 +197,8 @@ def prefix(path, args, transformers):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2: this machine's cores)")
-    ap.add_argument("--parts", default="decode,mixed,prefix", help="which benchmarks (default decode,mixed,prefix)")
+    ap.add_argument("--parts", default="decode,sampled,mixed,prefix",
+                    help="which benchmarks (default decode,sampled,mixed,prefix)")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per row (default 128)")
     ap.add_argument("--batches", default="1,16,64", help="decode: batch sizes (default 1,16,64)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="precisions (default fp32,bf16)")
@@ -206,7 +217,7 @@ def main():
     print(f"model {path}; threads {args.threads}; CPU native bf16: {M.cpu_has_bf16()}; "
           f"fast_dtype: {str(M.fast_dtype()).removeprefix('torch.')}; weights {sum(p.numel() for p in M.load(path)[0].parameters()) * 4 / 2**30:.2f} GB in fp32")
     for part in args.parts.split(","):
-        {"decode": decode, "mixed": mixed, "prefix": prefix}[part](path, args, transformers)
+        {"decode": decode, "sampled": sampled, "mixed": mixed, "prefix": prefix}[part](path, args, transformers)
     print("\nxRSS: peak resident memory added by the run; ratio: first / second (x = times faster)")
 
 

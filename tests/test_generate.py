@@ -249,6 +249,27 @@ def test_top_p_keeps_tokens_whose_mass_above_is_below_p():
     assert torch.allclose(p[:3], torch.tensor([0.5, 0.2, 0.15]) / 0.85)
 
 
+def test_top_p_among_candidates_equals_the_full_sort_and_falls_back_when_they_hold_too_little():
+    torch.manual_seed(0)
+    peaked = torch.randn(6, 5000) * 4           # the top 256 hold p: the fast path
+    flat = torch.randn(6, 5000) * 0.1           # they do not: the whole vocabulary is sorted
+    for logits in (peaked, flat, torch.cat([peaked[:3], flat[:3]])):  # and a batch of both kinds
+        for p in (0.3, 0.9, 0.95):
+            fast = G.top_p_filter(logits, p)
+            full = G.top_p_filter(logits, p, candidates=logits.shape[-1])
+            assert torch.equal(torch.isfinite(fast), torch.isfinite(full)) and torch.equal(fast[torch.isfinite(fast)],
+                                                                                         logits[torch.isfinite(fast)])
+    assert torch.isfinite(G.top_p_filter(flat, 0.95)).sum() > 6 * 256  # the fallback kept more than the candidates
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(G.draw(probs, g), minlength=5) / 20000
+    assert counts[1] == counts[4] == 0 and (counts - probs[0]).abs().max() < 0.015
+    assert torch.equal(G.draw(probs[:50], torch.Generator().manual_seed(3)), G.draw(probs[:50], torch.Generator().manual_seed(3)))
+
+
 def test_top_k_and_temperature():
     logits = PROBS.log()
     assert kept(G.top_k_filter(logits, 2)) == {0, 1}
