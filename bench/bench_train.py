@@ -1,11 +1,17 @@
-"""LoRA SFT training throughput and peak RSS: ours against transformers + peft on the same step.
+"""LoRA SFT throughput and peak RSS on real rows: ours against transformers + peft on the same rows.
 
-The default model, LoRA r=16 on all seven projections, batch 4 x 256 tokens, every token a target.
-Each configuration runs in its own process so that its peak RSS is its own.
-    python bench/bench_train.py [--threads 2] [--steps 4] [--repeat 2]
+The default model, LoRA r=16 on all seven projections, the first --rows rows of data/stage1_seed.jsonl,
+micro-batches of --batch rows. tokens/s counts real target tokens only (the assistant tokens the loss is
+taken on), so padding and prompt tokens earn nothing. Ours runs train_sft's own batching (length-bucketed
+epoch_batches, collate) and loss; transformers + peft runs its usual way, rows in random batches padded to
+the longest, loss from `labels` (full logits), and again on our bucketed batches ("+buckets") to separate
+per-token speed from padding. Each configuration runs in its own process so that its peak RSS is its own.
+    python bench/bench_train.py [--threads 2] [--rows 192] [--batch 8] [--repeat 2]
 """
 import argparse
+import contextlib
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -27,7 +33,7 @@ def peak_rss_gb():
 
 
 def best_step_seconds(step, steps, repeat):
-    """Seconds per step: one warm-up step, then the best of `repeat` timed runs of `steps` steps."""
+    """Seconds per step: one warm-up step, then the best of `repeat` timed runs of `steps` steps (bench_dpo)."""
     step()
     best = float("inf")
     for _ in range(repeat):
@@ -35,6 +41,17 @@ def best_step_seconds(step, steps, repeat):
         for _ in range(steps):
             step()
         best = min(best, (time.perf_counter() - t) / steps)
+    return best
+
+
+def best_seconds(run, repeat):
+    """Seconds of one pass over the batches: one warm-up pass, then the best of `repeat` timed passes."""
+    run()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
     return best
 
 
@@ -55,18 +72,27 @@ def run_configs(script, names, args, keys):
             print(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
             continue
         results[name] = r = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"{name:18s} {r['tokens_per_s']:7.1f} tokens/s   step {r['step_s']:6.2f} s   "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+        extra = "".join(f"   {k} {r[k]:{f}}" for k, f in (("seconds", "6.2f"), ("step_s", "6.2f"), ("padding", "5.1%")) if k in r)
+        print(f"{name:22s} {r['tokens_per_s']:7.1f} tokens/s{extra}   peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
     return results
 
 
-def ours(precision, grad_checkpoint=False):
-    """(summed target log-probs of a batch, params, autocast dtype) for our model as train_sft sets it up."""
-    cfg = S.SFTConfig(precision=precision, device="cpu", grad_checkpoint=grad_checkpoint)
-    model, _, _, _, amp = S.setup(cfg)
+def rows_and_batches(tok, n_rows, batch, bucketed):
+    """The examples and their micro-batches (index lists): train_sft's bucketing, or random batches."""
+    rows = [json.loads(x) for x in (ROOT / "data" / "stage1_seed.jsonl").read_text().splitlines()[:n_rows]]
+    ex = [S.sft_example(tok, 256)(r) for r in rows]
+    if bucketed:
+        return ex, S.epoch_batches([len(e["ids"]) for e in ex], batch, 0, 0)
+    order = list(range(len(ex)))
+    random.Random(0).shuffle(order)
+    return ex, [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+def ours(precision):
+    """A step function on train_sft's model, collate and loss, and the autocast dtype it chose."""
+    model, tok, _, _, amp = S.setup(S.SFTConfig(precision=precision, device="cpu"))
     model.train()
-    logprobs = lambda t, a: S.policy_logprobs(model, {"tokens": t, "attention_mask": a, "loss_mask": a})
-    return logprobs, M.lora_parameters(model), amp
+    return model, tok, M.lora_parameters(model), amp, lambda b: S.sft_loss(model, b)[0]
 
 
 def theirs(precision):
@@ -79,65 +105,67 @@ def theirs(precision):
     pm = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS)))
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
-    amp = torch.bfloat16 if precision == "bf16" else None
-    def logprobs(t, a):  # the usual way: full logits, then log-softmax
-        return S.sequence_logprobs(pm(input_ids=t, attention_mask=a).logits[:, :-1], t[:, 1:], a[:, 1:])
-    return logprobs, params, amp
+
+    def loss(b):  # the usual way: labels with -100 where no loss, mean over the batch's targets
+        labels = b["tokens"].masked_fill(b["loss_mask"] == 0, -100)
+        return pm(input_ids=b["tokens"], attention_mask=b["attention_mask"], labels=labels).loss * S.sft_count(b)
+    return pm, M.load_tokenizer(M.default_base()), params, (torch.bfloat16 if precision == "bf16" else None), loss
 
 
-def run_one(name, batch, seq, steps, repeat):
+def run_one(name, n_rows, batch, repeat):
     impl, precision = name.split(":", 1)
-    if precision.endswith("+malloc"):  # give theirs the heap setting ours makes (S.keep_freed_memory)
-        precision = precision.removesuffix("+malloc")
-        S.keep_freed_memory()
-    if impl == "ours":  # precision may end in +ckpt: activation checkpointing
-        fwd, params, amp = ours(precision.removesuffix("+ckpt"), precision.endswith("+ckpt"))
-    else:
-        fwd, params, amp = theirs(precision)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(100, 40000, (batch, seq), generator=g)
-    attn = torch.ones_like(tokens)
-    ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp else __import__("contextlib").nullcontext
+    bucketed = impl == "ours" or precision.endswith("+buckets")
+    precision = precision.removesuffix("+buckets")
+    model, tok, params, amp, loss_fn = (ours if impl == "ours" else theirs)(precision)
+    ex, batches = rows_and_batches(tok, n_rows, batch, bucketed)
+    collated = [S.collate([ex[i] for i in b], tok.pad_id) for b in batches]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
 
-    def step():
-        with ctx():
-            loss = -fwd(tokens, attn).sum() / attn[:, 1:].sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def one_pass():  # every micro-batch its own optimizer step: a pass is the same work for every configuration
+        for b in collated:
+            with ctx():
+                loss = loss_fn(b) / S.sft_count(b)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    best = best_step_seconds(step, steps, repeat)
-    return {"name": name, "tokens_per_s": batch * seq / best, "step_s": best, "peak_rss_gb": peak_rss_gb()}
+    seconds = best_seconds(one_pass, repeat)
+    targets = sum(S.sft_count(b) for b in collated)
+    real = sum(int(b["attention_mask"].sum()) for b in collated)
+    cells = sum(b["tokens"].numel() for b in collated)
+    return {"name": name, "tokens_per_s": targets / seconds, "seconds": seconds, "padding": 1 - real / cells,
+            "peak_rss_gb": peak_rss_gb(), "amp": str(amp)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2: this machine's cores)")
-    ap.add_argument("--batch", type=int, default=4, help="rows per step")
-    ap.add_argument("--seq", type=int, default=256, help="tokens per row")
-    ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
-    ap.add_argument("--repeat", type=int, default=2, help="timed repeats; the best is reported")
-    ap.add_argument("--configs", default="ours:fp32,ours:bf16,hf:fp32,hf:fp32+malloc,hf:bf16+malloc",
-                    help="comma-separated impl:precision (impl ours or hf; ours:bf16+ckpt checkpoints activations; hf:fp32+malloc gives theirs our heap setting)")
+    ap.add_argument("--rows", type=int, default=192, help="seed rows in a pass")
+    ap.add_argument("--batch", type=int, default=8, help="rows per micro-batch (cpu-demo's batch size)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed passes after a warm-up; the best is reported")
+    ap.add_argument("--configs", default="ours:fp32,ours:bf16,hf:fp32,hf:bf16,hf:fp32+buckets,hf:bf16+buckets",
+                    help="comma-separated impl:precision (impl ours or hf; +buckets: hf on our length-bucketed batches)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(args.one, args.batch, args.seq, args.steps, args.repeat)))
+        S.keep_freed_memory() if args.one.startswith("hf:") else None  # both get the heap setting train_sft makes
+        print(json.dumps(run_one(args.one, args.rows, args.batch, args.repeat)))
         return
     M.default_base()
-    results = run_configs(__file__, args.configs.split(","), args, ("threads", "batch", "seq", "steps", "repeat"))
-    hf = [r for n, r in results.items() if n.startswith("hf:")]
-    us = [r for n, r in results.items() if not n.startswith("hf:")]
+    print(f"{args.rows} seed rows, batches of {args.batch}, threads {args.threads}; CPU native bf16: {M.cpu_has_bf16()}")
+    results = run_configs(__file__, args.configs.split(","), args, ("threads", "rows", "batch", "repeat"))
+    hf = {n: r for n, r in results.items() if n.startswith("hf:") and not n.endswith("+buckets")}
+    us = {n: r for n, r in results.items() if n.startswith("ours:")}
     if hf and us:
-        a, b = max(us, key=lambda r: r["tokens_per_s"]), max(hf, key=lambda r: r["tokens_per_s"])
-        print(f"fastest: ours {a['name']} / theirs {b['name']} = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
-              f"peak RSS {a['peak_rss_gb']:.2f} vs {b['peak_rss_gb']:.2f} GB")
-        if "ours:fp32" in results and "hf:fp32" in results:
-            print(f"fp32: ours / theirs = {results['ours:fp32']['tokens_per_s'] / results['hf:fp32']['tokens_per_s']:.2f}x")
+        a, b = max(us.values(), key=lambda r: r["tokens_per_s"]), max(hf.values(), key=lambda r: r["tokens_per_s"])
+        print(f"fastest: ours {a['name']} / theirs {b['name']} = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x target "
+              f"tokens/s, peak RSS {a['peak_rss_gb']:.2f} vs {b['peak_rss_gb']:.2f} GB")
+        for p in ("fp32", "bf16"):
+            if f"ours:{p}" in us and f"hf:{p}" in hf:
+                print(f"{p}: ours / theirs = {us[f'ours:{p}']['tokens_per_s'] / hf[f'hf:{p}']['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """generate.py: cached greedy against a cache-free loop and transformers, batching against single
 prompts, the sampling math against hand computation, stop handling on scripted models, and the CLI."""
+import copy
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,6 +122,109 @@ def test_default_greedy_equals_transformers(default):
     assert "Paris" in texts[0]
 
 
+DEMOS = ("Here are examples of good answers.\nQ: What colour is the sky?\nA: Blue.\n"
+         "Q: How many legs has a cat?\nA: Four.\nQ: What is frozen water?\nA: Ice.\nNow answer:\n")
+
+
+def fed_tokens(net):
+    """Wrap net.forward to count the tokens it is given (positions computed), cache rows included."""
+    count = [0]
+    real = net.forward
+
+    def forward(tokens, *a, **kw):
+        count[0] += tokens.numel()
+        return real(tokens, *a, **kw)
+    net.forward = forward
+    return count
+
+
+def ending_tokenizer(tok, outs):
+    """A copy of tok whose stop ids include a token the model writes often, so rows end at different steps."""
+    from collections import Counter
+    common = Counter(t for o in outs for t in set(o[2:])).most_common(1)[0][0]
+    ending = copy.copy(tok)
+    ending.stop_ids = tok.stop_ids + [common]
+    return ending
+
+
+def test_continuous_batching_equals_each_prompt_alone_and_refills_rows(tiny):
+    """7 prompts through 3 cache rows: rows end at different steps and waiting prompts take their place;
+    every answer equals that prompt decoded alone, and static batches give the same tokens."""
+    _, net, tok = tiny
+    prompts = PROMPTS + ["x", "Count to ten.", "Tell me about the sea, the wind and the rain.", "Why?"]
+    ids = chat_ids(tok, prompts)
+    tok2 = ending_tokenizer(tok, G.generate_batch(net, tok, ids, max_new_tokens=30)[0])
+    alone = [G.generate_batch(net, tok2, [i], max_new_tokens=30)[0][0] for i in ids]
+    assert len({len(a) for a in alone}) >= 4 and min(map(len, alone)) < 30  # rows really end at different steps
+    sizes = []
+    real = net.forward
+    net.forward = lambda tokens, *a, **kw: sizes.append(tokens.shape) or real(tokens, *a, **kw)
+    try:
+        cont, _ = G.generate_batch(net, tok2, ids, max_new_tokens=30, batch_size=3)
+    finally:
+        del net.forward
+    assert cont == alone
+    prefills = [s[0] for s in sizes if s[1] > 1]
+    assert sum(prefills) == len(ids) and len(prefills) > 2  # prompts were admitted as rows freed up
+    assert all(s[0] <= 3 for s in sizes)
+    static, _ = G.generate_batch(net, tok2, ids, max_new_tokens=30, batch_size=3, continuous=False)
+    assert static == alone
+
+
+def test_shared_prefix_is_computed_once_and_changes_no_token(tiny):
+    _, net, tok = tiny
+    prompts = [DEMOS + q for q in ("Q: What is the capital of France?\nA:", "Q: Name a fruit.\nA:",
+                                   "Q: Is fire hot?\nA:", "Q: 2+2?\nA:")]
+    ids = chat_ids(tok, prompts)
+    p = G.common_prefix(ids)
+    assert p >= len(tok.encode(DEMOS))
+    counts = {}
+    for share in (False, True):
+        count = fed_tokens(net)
+        try:
+            counts[share] = (G.generate(net, tok, prompts, max_new_tokens=12, batch_size=2, share_prefix=share), count[0])
+        finally:
+            del net.forward
+    assert counts[True][0] == counts[False][0] == [G.generate(net, tok, [q], max_new_tokens=12)[0] for q in prompts]
+    assert counts[False][1] - counts[True][1] >= 3 * p - 3  # the prefix was fed once instead of 4 times
+    assert G.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2 and G.common_prefix([[5, 1], [4, 1]]) == 0
+    assert G.common_prefix([[1, 2, 3]]) == 0  # a single prompt has nothing to share
+
+
+def test_choice_logprobs_with_a_shared_prefix_equal_plain_forwards(tiny):
+    _, net, tok = tiny
+    prompts = [DEMOS + f"Which is better, A or B? {q}" for q in ("A: yes B: no", "A: 1 B: 22", "A B", "B A")]
+    got = G.choice_logprobs(net, tok, prompts, ["A", "B"], batch_size=3)
+    a, b = tok.encode("A")[0], tok.encode("B")[0]
+    for ids, row in zip(chat_ids(tok, prompts), got):
+        with torch.no_grad():
+            ref = net(torch.tensor([ids]))[0, -1].log_softmax(-1)
+        assert row == pytest.approx([ref[a].item(), ref[b].item()], abs=1e-4)
+
+
+def test_prompts_longer_than_the_context_are_cut_from_the_left_and_new_tokens_capped(tiny):
+    _, net, tok = tiny
+    ctx = net.config.max_position_embeddings  # 256
+    long = "x" * 300 + " What now?"
+    ids = chat_ids(tok, [long])[0]
+    with pytest.warns(UserWarning, match="1 prompt.*context of 256.*cut off"):
+        out, _ = G.generate_batch(net, tok, [ids], max_new_tokens=10)
+    assert out[0] == G.generate_batch(net, tok, [ids[-(ctx - 1):]], max_new_tokens=1)[0][0]  # room for one token
+    near = ids[-(ctx - 4):]
+    out, _ = G.generate_batch(net, tok, [near], max_new_tokens=10)
+    assert 0 < len(out[0]) <= 4 and out[0] == greedy_no_cache(net, near, 4, tok.stop_ids)
+
+
+def test_default_shared_few_shot_prefix_and_continuous_batching_equal_each_prompt_alone(default):
+    net, tok = default
+    prompts = [DEMOS + q for q in ("Q: What is the capital of France?\nA:", "Q: Name a fruit.\nA:",
+                                   "Q: What do bees make?\nA:", "Q: What is two plus two?\nA:", "Q: Hi!\nA:")]
+    ids = chat_ids(tok, prompts)
+    alone = [G.generate_batch(net, tok, [i], max_new_tokens=12, share_prefix=False)[0][0] for i in ids]
+    shared, _ = G.generate_batch(net, tok, ids, max_new_tokens=12, batch_size=2)
+    assert shared == alone and G.common_prefix(ids) > 40
+
+
 # ----------------------------------------------------------------------------- sampling math by hand
 
 PROBS = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
@@ -142,6 +247,27 @@ def test_top_p_keeps_tokens_whose_mass_above_is_below_p():
     # survivors keep their logits: renormalised they are 0.5/0.85, 0.2/0.85, 0.15/0.85
     p = G.top_p_filter(logits, 0.75).softmax(-1)[0]
     assert torch.allclose(p[:3], torch.tensor([0.5, 0.2, 0.15]) / 0.85)
+
+
+def test_top_p_among_candidates_equals_the_full_sort_and_falls_back_when_they_hold_too_little():
+    torch.manual_seed(0)
+    peaked = torch.randn(6, 5000) * 4           # the top 256 hold p: the fast path
+    flat = torch.randn(6, 5000) * 0.1           # they do not: the whole vocabulary is sorted
+    for logits in (peaked, flat, torch.cat([peaked[:3], flat[:3]])):  # and a batch of both kinds
+        for p in (0.3, 0.9, 0.95):
+            fast = G.top_p_filter(logits, p)
+            full = G.top_p_filter(logits, p, candidates=logits.shape[-1])
+            assert torch.equal(torch.isfinite(fast), torch.isfinite(full)) and torch.equal(fast[torch.isfinite(fast)],
+                                                                                         logits[torch.isfinite(fast)])
+    assert torch.isfinite(G.top_p_filter(flat, 0.95)).sum() > 6 * 256  # the fallback kept more than the candidates
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(G.draw(probs, g), minlength=5) / 20000
+    assert counts[1] == counts[4] == 0 and (counts - probs[0]).abs().max() < 0.015
+    assert torch.equal(G.draw(probs[:50], torch.Generator().manual_seed(3)), G.draw(probs[:50], torch.Generator().manual_seed(3)))
 
 
 def test_top_k_and_temperature():
@@ -169,14 +295,24 @@ def test_sample_next_is_greedy_at_temperature_zero_and_respects_filters():
 
 # ----------------------------------------------------------------------------- scripted models
 
+class Identity(torch.nn.Module):
+    """The scripted model's head: its hidden states already are logits (generate reads the device from weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, h):
+        return h
+
+
 class Scripted(torch.nn.Module):
     """A stand-in decoder whose next-token logits are a function of the last token fed in."""
 
     def __init__(self, logits_after, vocab=259):
         super().__init__()
-        self.lm_head = torch.nn.Linear(1, vocab, bias=False)  # generate reads the device from it
-        self.config = SimpleNamespace(vocab_size=vocab)
-        self.model = SimpleNamespace(layers=[])
+        self.lm_head = Identity()
+        self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=512)
         self.logits_after, self.batch_sizes, self.cache = logits_after, [], None
 
     def setup_cache(self, batch, max_len, dtype=None):
@@ -185,14 +321,19 @@ class Scripted(torch.nn.Module):
     def clear_cache(self):
         self.cache = None
 
-    def forward(self, tokens, attention_mask=None, input_pos=None, last_only=False):
+    def copy_cache_rows(self, src, dst, n):
+        pass
+
+    def forward(self, tokens, start=None, rows=None, last_only=False, hidden=False):
         self.batch_sizes.append(tokens.shape[0])
-        return torch.stack([self.logits_after(t) for t in tokens[:, -1].tolist()])[:, None]
+        if last_only:
+            tokens = tokens[:, -1:]
+        return torch.stack([torch.stack([self.logits_after(t) for t in row]) for row in tokens.tolist()])
 
 
 def one_hot(i, vocab=259):
     x = torch.zeros(vocab)
-    x[i] = 10.0
+    x[i % vocab] = 10.0  # the scripted prefill computes every position, even those whose logits go unused
     return x
 
 
@@ -237,9 +378,8 @@ def test_finished_rows_leave_the_batch_and_each_row_stops_on_its_own(tiny):
     net = Scripted(lambda t: one_hot(stop if t == 50 else (t + 1) % 259))  # a row reaching token 50 ends
     out, _ = G.generate_batch(net, tok, [[48], [10], [47], [11]], max_new_tokens=8)
     assert out == [[49, 50], list(range(11, 19)), [48, 49, 50], list(range(12, 20))]
-    # 8 tokens: prefill + 7 steps. Row 0 ends at the 3rd token, row 2 at the 4th; from then on only
-    # the 2 running rows are computed
-    assert net.batch_sizes == [4, 4, 4, 4, 2, 2, 2, 2]
+    # 8 tokens: prefill + 7 steps. Row 0 ends at the 3rd token, row 2 at the 4th: each leaves the batch at once
+    assert net.batch_sizes == [4, 4, 4, 3, 2, 2, 2, 2]
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(tiny):
@@ -272,7 +412,7 @@ def test_cli_jsonl_round_trip_in_order(tiny, tmp_path):
              {"prompt": "What is the capital of France? Answer at length."}]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     G.main(["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-            "--max-new-tokens", "6", "--batch-size", "2"])
+            "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "fp32"])
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     want = G.generate(net, tok, [x.get("prompt") or x.get("messages") for x in lines], max_new_tokens=6)
     assert rows == [{**x, "response": r} for x, r in zip(lines, want)]
@@ -293,23 +433,33 @@ def test_cli_bad_line_names_file_and_line_and_generates_nothing(tiny, tmp_path):
 def test_cli_stdin_stdout_prompt_and_chat(tiny, monkeypatch, capsys):
     path, net, tok = tiny
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"prompt": "hi"}) + "\n"))
-    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system", "Be brief."])
+    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system", "Be brief.",
+            "--dtype", "fp32"])
     want = G.generate(net, tok, [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]],
                       max_new_tokens=5)[0]
     assert json.loads(capsys.readouterr().out) == {"prompt": "hi", "response": want}
 
-    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief."])
+    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief.", "--dtype", "fp32"])
     assert capsys.readouterr().out == want + "\n"
 
     seen = []
     real = G.generate
     monkeypatch.setattr(G, "generate", lambda m, t, p, **kw: seen.append(json.loads(json.dumps(p))) or real(m, t, p, **kw))
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n"))  # EOF after two turns
-    G.main(["--model", str(path), "--chat", "--max-new-tokens", "5"])
+    G.main(["--model", str(path), "--chat", "--max-new-tokens", "5", "--dtype", "fp32"])
     first = real(net, tok, ["hi"], max_new_tokens=5)[0]
     assert seen[1][0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
                           {"role": "user", "content": "more"}]  # history kept
     assert first in capsys.readouterr().out                    # streamed to the terminal
+
+
+def test_compiled_blocks_give_the_same_greedy_tokens(tiny):
+    path, _, tok = tiny
+    net, _ = M.load(path)
+    ids = chat_ids(tok, PROMPTS)
+    eager, _ = G.generate_batch(net, tok, ids, max_new_tokens=10, batch_size=2)
+    G.compile_blocks(net)
+    assert G.generate_batch(net, tok, ids, max_new_tokens=10, batch_size=2)[0] == eager
 
 
 def test_cli_help_explains_every_flag(capsys):
@@ -319,5 +469,61 @@ def test_cli_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--input", "--output", "--chat", "--system", "--temperature", "--top-k",
                  "--top-p", "--repetition-penalty", "--seed", "--stop", "--max-new-tokens", "--batch-size",
-                 "--device", "--dtype"):
+                 "--device", "--dtype", "--compile"):
         assert flag in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"), (["--batch-size", "-1"], "--batch-size: must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"), (["--temperature", "-0.5"], "--temperature: must be >= 0"),
+    (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"), (["--top-p", "1.5"], r"--top-p: must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k: must be >= 1"), (["--repetition-penalty", "0"], "--repetition-penalty: must be > 0"),
+    (["--batch-size", "two"], "--batch-size: 'two' is not an integer")])
+def test_cli_refuses_bad_numbers_with_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", "nowhere", "--prompt", "hi", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]) and err[-1].startswith("usage:") is False
+
+
+def test_cli_refuses_cuda_without_cuda_and_output_equal_to_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", "nowhere", "--prompt", "hi", "--device", "cuda"])
+    assert e.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", "nowhere", "--input", str(f), "--output", str(tmp_path / "." / "in.jsonl")])
+    assert e.value.code == 2 and "--output is the --input file" in capsys.readouterr().err
+    assert f.read_text() == json.dumps({"prompt": "hi"}) + "\n"
+
+
+def test_cli_output_is_replaced_whole_and_survives_a_crash(tiny, tmp_path, monkeypatch):
+    path, _, _ = tiny
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "yo"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    argv = ["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-new-tokens", "3"]
+    real = G.generate
+
+    def crash(*a, **kw):
+        assert out.read_text() == "earlier results\n"  # not emptied before generating
+        raise KeyboardInterrupt
+    monkeypatch.setattr(G, "generate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        G.main(argv)
+    assert out.read_text() == "earlier results\n"
+    monkeypatch.setattr(G, "generate", real)
+
+    def replace_fails(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(M.os, "replace", replace_fails)  # a crash after the answers are written out
+    with pytest.raises(OSError, match="disk full"):
+        G.main(argv)
+    assert out.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
+    monkeypatch.undo()
+    G.main(argv)
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["hi", "yo"]

@@ -64,14 +64,43 @@ def make_hf(tmp_path, name, seed=0):
     return hf
 
 
+@pytest.mark.parametrize("small", [M.SMALL_ATTENTION, 0], ids=["matmul-attention", "sdpa"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_equal_transformers_on_random_configs(tmp_path, name):
+def test_logits_equal_transformers_on_random_configs(tmp_path, name, small, monkeypatch):
+    monkeypatch.setattr(M, "SMALL_ATTENTION", small)  # 0: every attention takes SDPA's path
     hf = make_hf(tmp_path, name)
     ours, _ = M.load(tmp_path)
     x = torch.randint(0, 259, (2, 40))
     with torch.no_grad():
         ref, got = hf(x).logits, ours(x)
     assert (ref - got).abs().max().item() <= 1e-4
+
+
+def test_both_attention_paths_agree_on_every_mask_with_gradients():
+    """The fp32 matmul path and SDPA: causal, one query, a boolean mask with a pad query, GQA; bf16 too."""
+    torch.manual_seed(0)
+    B, T, S = 3, 5, 9
+    allowed = torch.arange(S)[None, None, None] <= (torch.arange(T) + 4)[None, None, :, None]  # (1, 1, T, S)
+    allowed = allowed.expand(B, 1, T, S).clone()
+    allowed[1, 0, 2] = False
+    allowed[1, 0, 2, 6] = True                                         # a query that sees one key only
+    cases = [(T, T, None), (1, S, None), (T, S, allowed)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for t, s, mask in cases:
+            q = torch.randn(B, 6, t, 8, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(B, 2, s, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+            outs = []
+            for small in (1 << 30, 0):
+                M.SMALL_ATTENTION, saved = small, M.SMALL_ATTENTION
+                try:
+                    y = M.attention(q, k, v, mask)
+                finally:
+                    M.SMALL_ATTENTION = saved
+                grads = torch.autograd.grad(y.float().square().sum(), (q, k, v))
+                outs.append((y.float(), [g.float() for g in grads]))
+            assert y.dtype == dtype
+            assert (outs[0][0] - outs[1][0]).abs().max() <= tol
+            assert all((a - b).abs().max() <= 10 * tol for a, b in zip(outs[0][1], outs[1][1]))
 
 
 def test_left_padded_batch_matches_transformers_with_position_ids(tmp_path):
@@ -89,25 +118,50 @@ def test_left_padded_batch_matches_transformers_with_position_ids(tmp_path):
     assert torch.isfinite(got).all()
 
 
-def test_kv_cache_incremental_equals_full_sequence_left_padded(tmp_path):
+def test_kv_cache_rows_of_different_lengths_refilled_and_prefixed_equal_each_row_alone(tmp_path):
+    """Each cache row holds its own sequence from slot 0: right-padded prefill, one token per step at each
+    row's own slot, a row refilled with a new sequence mid-way (continuous batching), and rows whose
+    first tokens were copied from a shared prefix. Every real position equals that sequence's plain forward."""
     make_hf(tmp_path, "qwen2_bias")
     net, _ = M.load(tmp_path)
     torch.manual_seed(1)
-    B, P, N = 3, 9, 6
-    x = torch.randint(3, 259, (B, P + N))
-    mask = torch.ones(B, P + N, dtype=torch.long)
-    mask[1, :4] = 0
-    mask[2, :7] = 0  # rows of 9, 5 and 2 prompt tokens
+    N, prefix = 6, torch.randint(3, 259, (7,))
+    seqs = [torch.randint(3, 259, (n + N,)) for n in (9, 5, 2)]
+    seqs += [torch.randint(3, 259, (7,)), torch.cat([prefix, torch.randint(3, 259, (3,))]),
+             torch.cat([prefix, torch.randint(3, 259, (1,))])]  # 3: refills row 1; 4, 5: share the prefix
+
+    def prefill(ids, rows, start=0):  # right-padded; returns each row's logits over its real tokens
+        x = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+        for i, s in enumerate(ids):
+            x[i, :len(s)] = s
+        out = net(x, start=torch.full((len(ids),), start), rows=rows)
+        return [out[i, :len(s)] for i, s in enumerate(ids)]
+
     with torch.no_grad():
-        full = net(x, attention_mask=mask)
-        net.setup_cache(B, P + N)
-        steps = [net(x[:, :P], attention_mask=mask, input_pos=torch.arange(P))]
-        for t in range(P, P + N):
-            steps.append(net(x[:, t:t + 1], attention_mask=mask, input_pos=torch.tensor([t])))
+        ref = [net(s[None])[0] for s in seqs]
+        net.setup_cache(3, 20)
+        lens, held = [9, 5, 2], [0, 1, 2]
+        got = dict(enumerate(prefill([s[:n] for s, n in zip(seqs, lens)], slice(0, 3))))
+        for t in range(N):
+            if t == 3:  # sequence 1 leaves row 1 after 3 steps; sequence 3 takes the row
+                got[3] = prefill([seqs[3][:4]], slice(1, 2))[0]
+                held[1], lens[1] = 3, 4
+            x = torch.stack([seqs[i][n] for i, n in zip(held, lens)])[:, None]
+            step = net(x, start=torch.tensor(lens))
+            for r, i in enumerate(held):
+                got[i] = torch.cat([got[i], step[r]])
+            lens = [n + 1 for n in lens]
+        net.setup_cache(3, 20)
+        prefill([prefix], slice(2, 3))                         # the prefix once, in the spare row
+        net.copy_cache_rows(2, slice(0, 2), len(prefix))
+        tails = prefill([seqs[4][7:10], seqs[5][7:8]], slice(0, 2), start=7)
         net.clear_cache()
-    inc = torch.cat(steps, dim=1)
-    real = mask.bool()
-    assert (full[real] - inc[real]).abs().max().item() <= 1e-4
+    ref_prefix = net(prefix[None])[0]
+    assert [len(got[i]) for i in range(4)] == [15, 8, 8, 7]
+    for i in range(4):
+        assert (ref[i][:len(got[i])] - got[i]).abs().max().item() <= 1e-4
+    assert (tails[0] - ref[4][7:10]).abs().max().item() <= 1e-4 and (tails[1] - ref[5][7:8]).abs().max() <= 1e-4
+    assert (ref[4][:7] - ref_prefix).abs().max() <= 1e-5  # the sequences really do share the prefix
 
 
 def test_each_left_padded_row_equals_that_row_alone(tmp_path):

@@ -129,6 +129,32 @@ def test_truncation_drops_rows_without_a_target_and_counts_them(tmp_path, base):
         S.train(cfg_for(tmp_path, base, max_len=10, out=str(tmp_path / "o2")), rows)
 
 
+def test_length_buckets_keep_padding_under_a_tenth_and_visit_every_row_once(tmp_path):
+    tok = M.load_tokenizer(tiny_base(tmp_path))
+    rows = S.read_jsonl(ROOT / "data" / "stage1_seed.jsonl")
+    lengths = [len(tok.encode_chat(r["messages"])[0]) for r in rows]
+    for bs in (4, 8, 16):
+        epochs = [S.epoch_batches(lengths, bs, 0, e) for e in range(2)]
+        assert epochs[0] != epochs[1] and epochs[0] == S.epoch_batches(lengths, bs, 0, 0)  # seeded, new each epoch
+        for batches in epochs:
+            assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+            cells = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+            assert 1 - sum(lengths) / cells < 0.10
+
+
+def test_logged_tokens_are_target_tokens(tmp_path, base):
+    rows = [{"messages": [{"role": "user", "content": "q" * (10 + 7 * i)}, {"role": "assistant", "content": "ab" * (1 + i)}]}
+            for i in range(6)]
+    cfg = cfg_for(tmp_path, base, epochs=2, batch_size=4, max_len=128)
+    s = S.train(cfg, rows)
+    _, tok = M.load(base)
+    ids, masks = zip(*(tok.encode_chat(r["messages"]) for r in rows))
+    assert max(map(len, ids)) < 128 and sum(map(len, ids)) > 3 * sum(map(sum, masks))  # mostly prompt tokens
+    assert s["tokens"] == 2 * sum(sum(m[1:]) for m in masks)
+    steps = log(cfg_for(tmp_path, base))
+    assert len(steps) == s["steps"] and all(r["tokens_per_s"] > 0 for r in steps)
+
+
 def test_get_lr_warms_up_then_decays_by_cosine_to_the_floor():
     cfg = S.SFTConfig(lr=1.0, warmup=4, min_lr_ratio=0.1)
     lrs = [S.get_lr(s, cfg, 20) for s in range(21)]
