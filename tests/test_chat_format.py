@@ -102,7 +102,7 @@ def test_cli_greedy_answers_equal_transformers_generate_with_apply_chat_template
     path = M.default_base()
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     G.main(["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-            "--max-new-tokens", "16", "--batch-size", "8"])
+            "--max-new-tokens", "16", "--batch-size", "8", "--dtype", "fp32"])
     ours = [json.loads(line)["response"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
