@@ -236,9 +236,6 @@ def unlock_run(fd):
         os.close(fd)
 
 
-def gen_dtype(device):
-    """bf16 weights for generation on CUDA; fp32 on CPU, where this project's bf16 kernels are not faster."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 # ---------------------------------------------------------------- the run
@@ -286,7 +283,7 @@ class Run:
         if self._loaded[0] != k:
             self._loaded = (None, None, None)
             free()
-            net, tok = M.load(self.model_dir(k), device=self.device, dtype=gen_dtype(self.device))
+            net, tok = M.load(self.model_dir(k), device=self.device, dtype=M.fast_dtype(self.device))
             self._loaded = (k, net.eval(), tok)
         return self._loaded[1], self._loaded[2]
 
@@ -478,7 +475,7 @@ def eval_sets(k, preset):
 
 def measure(run, k, sets, split="test"):
     """The stage-k model's results on the given sets: all their prompts in one batched generation."""
-    net, tok = M.load(run.model_dir(k), device=run.device, dtype=gen_dtype(run.device))
+    net, tok = M.load(run.model_dir(k), device=run.device, dtype=M.fast_dtype(run.device))
     n = sum(len(E.spread(E.load_eval_set(s, split=split), run.preset.eval_limit)) for s in sets)
     out = E.evaluate_sets(net.eval(), tok, sets, split, batch_size=run.preset.gen_batch,
                           max_new_tokens=run.preset.eval_tokens, limit=run.preset.eval_limit,

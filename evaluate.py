@@ -973,7 +973,8 @@ def main(argv=None):
     p.add_argument("--device", metavar="D", type=_device, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", metavar="D", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+                   help="float32, bfloat16 or float16 (default: the fastest, model.fast_dtype: bf16 on a bf16 GPU "
+                        "or a CPU with native bf16, else fp32; bootstrap.py evaluates the same way)")
     a = p.parse_args(argv)
     stages = a.stages if a.stages else [a.stage]
     split = None if a.split == "all" else a.split
@@ -995,7 +996,8 @@ def main(argv=None):
         import torch
         import model as M
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        net, tok = M.load(M.default_base() if a.model == "default" else a.model, device, a.dtype)
+        net, tok = M.load(M.default_base() if a.model == "default" else a.model, device,
+                          a.dtype or M.fast_dtype(device))
         results = evaluate_sets(net, tok, stages, split, a.batch_size, a.max_new_tokens, a.limit, path=a.eval_file,
                                 progress=True)
     for s, r in results.items():
