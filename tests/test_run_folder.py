@@ -176,7 +176,7 @@ def test_a_restarted_attempt_never_reuses_a_longer_attempts_outputs(smoke_run, t
 
 # ----------------------------------------------------------------------------- chaos
 
-TIMINGS = {"minutes", "seconds", "tokens_per_s"}   # wall-clock measurements, different in every run
+TIMINGS = {"minutes", "seconds", "tokens_per_s", "tokens_per_second"}   # wall-clock measurements
 LAUNCH = {"started", "command"}                    # run.json: when and how the run was launched
 EXCLUDED = {"report.md"}                           # its table shows each stage's minutes; built from the files compared
 
