@@ -3,7 +3,7 @@
     python bootstrap.py                       # cpu-demo preset on the built-in SmolLM2-135M-Instruct
     python bootstrap.py --preset full --base DIR --device cuda
     python bootstrap.py --run demo --stages 2-4 --no-gate
-    torchrun --nproc_per_node=2 bootstrap.py --preset full --run big   # 2 processes (GPUs, or CPU with gloo)
+    torchrun --nproc_per_node=2 -- bootstrap.py --preset full --run big   # 2 processes (GPUs; CPU: gloo)
 
 For each stage: make data with the earlier models (stages.py), filter it, mix in replay, check it against
 every eval set, train (train_sft / train_dpo), evaluate this stage and re-check earlier skills, write
@@ -255,7 +255,7 @@ def join_processes(device):
         return False
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return True
 

@@ -28,42 +28,44 @@ def test_shares_gathered_come_back_in_the_order_of_the_whole_list():
 
 
 def torchrun(tmp_path, name, *args):
-    # --standalone: a free port, so that other torchrun jobs on the machine do not collide with this one
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    # --standalone: a free port, so that other torchrun jobs on the machine do not collide with this one;
+    # "--": torchrun's parser would take bootstrap's --run for an abbreviation of its own --run-path
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
            str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run", name, "--device", "cpu",
            "--no-gate", *args]
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r, time.time() - t0
 
 
 def test_two_processes_make_the_data_of_one_train_with_ddp_and_resume(smoke_run, tmp_path):
-    """A copy of the one-process smoke run, without stage 3 and without the base model's results: two processes
-    make stage 3's data with the same stage-2 model (sampled at T=0.8, each process half of every call),
-    measure the base model again (greedy and sampled answers, split the same way) and train stage 3 with DDP.
-    The data and the base model's answers are byte for byte those of one process. Training differs (two
-    micro-batches a step), so later stages' data would too: only data made by the same model is compared."""
+    """A copy of the one-process smoke run with stage 1 only, without the base model's results: two processes
+    make stage 2's data with the same stage-1 model (greedy and sampled calls, each process half of every
+    call), measure the base model again (greedy and sampled answers, split the same way), train stage 2 with
+    DDP and go on to stage 3. Stage 2's data and the base model's answers are byte for byte those of one
+    process. Training differs (a step takes a micro-batch on each process), so the stage-3 data made by the
+    stage-2 model differ too: only data made by the same model are compared."""
     one, run = smoke_run.dir, tmp_path / "two"
     shutil.copytree(one, run, ignore=shutil.ignore_patterns("run.lock"))
-    for k in (0, 3, 4, 5, 6):
+    for k in (0, 2, 3, 4, 5, 6):
         shutil.rmtree(run / f"stage{k}")
-    r, seconds = torchrun(tmp_path, "two", "--stages", "3")
-    print(f"2-process stage 3 (with the base model's evaluation): {seconds:.1f} s")
-    for f in ("stage3/data.jsonl", "stage3/rejected.jsonl", "stage0/samples.jsonl"):
+    r, seconds = torchrun(tmp_path, "two", "--stages", "2-3")
+    print(f"2 processes, stages 2-3 and the base model's evaluation: {seconds:.1f} s")
+    for f in ("stage2/data.jsonl", "stage2/rejected.jsonl", "stage0/samples.jsonl"):
         assert (run / f).read_bytes() == (one / f).read_bytes(), f
     assert json.loads((run / "stage0/eval.json").read_text())["results"] == \
         json.loads((one / "stage0/eval.json").read_text())["results"]
-    assert r.stdout.count("stage 3: passed") + r.stdout.count("stage 3: failed") == 1   # one process logs
-    # DDP: each step took one micro-batch on each process, two in all, so the epoch took half the steps
-    steps_one = json.loads((one / "stage3/summary.json").read_text())["steps"]
-    steps_two = json.loads((run / "stage3/summary.json").read_text())["steps"]
+    assert r.stdout.count("stage 2: passed") + r.stdout.count("stage 2: failed") == 1   # one process logs
+    # DDP: a step took one micro-batch on each process, two in all, so an epoch took half the steps
+    steps_one = json.loads((one / "stage2/summary.json").read_text())["steps"]
+    steps_two = json.loads((run / "stage2/summary.json").read_text())["steps"]
     assert steps_two == math.ceil(steps_one / 2) and steps_one > 1
+    # resumed after losing stage 3's eval.json: its data and training are reused, its evaluation answers the same
     ev = json.loads((run / "stage3/eval.json").read_text())
-    # resumed after losing eval.json: data and training are reused, the evaluation gives the same answers
-    samples = (run / "stage3/samples.jsonl").read_bytes()
-    before = {p: p.read_bytes() for p in (run / "stage3").rglob("*") if p.is_file() and p.name != "eval.json"}
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in ("eval.json", "report.md")}
     (run / "stage3/eval.json").unlink()
-    torchrun(tmp_path, "two", "--stages", "3")
-    assert {p: p.read_bytes() for p in before} == before and (run / "stage3/samples.jsonl").read_bytes() == samples
+    r, _ = torchrun(tmp_path, "two", "--stages", "2-3")
+    assert "stage 2: done before" in r.stdout and "stage 3: done before" not in r.stdout
+    assert {p: p.read_bytes() for p in files} == files
     assert json.loads((run / "stage3/eval.json").read_text())["results"] == ev["results"]
