@@ -3,16 +3,24 @@
     python bootstrap.py                       # cpu-demo preset on the built-in SmolLM2-135M-Instruct
     python bootstrap.py --preset full --base DIR --device cuda
     python bootstrap.py --run demo --stages 2-4 --no-gate
+    torchrun --nproc_per_node=2 -- bootstrap.py --preset full --run big   # 2 processes (GPUs; CPU: gloo)
 
 For each stage: make data with the earlier models (stages.py), filter it, mix in replay, check it against
 every eval set, train (train_sft / train_dpo), evaluate this stage and re-check earlier skills, write
 eval.json, then gate. A stage is done when its eval.json exists; running the same command again skips done
 stages and resumes an interrupted one. Layout of runs/NAME/: DESIGN.md, "A run".
+
+Under torchrun every process answers its share of each generation, judging and evaluation call and all of
+them get every answer, in order; training is DDP. Each prompt samples from its own seed, so a model makes
+the data it makes in one process (the trained models differ: a step takes a micro-batch per process). The
+first process alone writes the run folder; the others wait for it.
 """
 import argparse
+import contextlib
 import errno
 import fcntl
 import gc
+import io
 import json
 import math
 import os
@@ -26,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluate as E
@@ -33,7 +42,7 @@ import model as M
 import stages as S
 import train_dpo
 import train_sft
-from generate import choice_logprobs, generate
+from generate import choice_logprobs, generate, prompt_seeds
 
 ROOT = Path(__file__).resolve().parent
 
@@ -236,6 +245,65 @@ def unlock_run(fd):
         os.close(fd)
 
 
+# ---------------------------------------------------------------- several processes (torchrun)
+
+def join_processes(device):
+    """Under torchrun (RANK set), join the process group: gloo on CPU; on CUDA each process takes its own GPU,
+    NCCL for CUDA tensors and gloo for the CPU ones (the trainers all-reduce a few CPU numbers). True when
+    this call formed the group, so it closes it too."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return False
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return True
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    """The process that writes the run folder (the only one without torchrun)."""
+    return rank_world()[0] == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def my_share(items, rank=None, world=None):
+    """This process's share of a list: every world-th item from its rank on (all of it in one process)."""
+    rank, world = rank_world() if rank is None else (rank, world)
+    return items[rank::world]
+
+
+def in_order(parts):
+    """The shares of every rank (my_share's) put back in the order of the whole list."""
+    out = [None] * sum(len(p) for p in parts)
+    for rank, part in enumerate(parts):
+        out[rank::len(parts)] = part
+    return out
+
+
+def gather_in_order(part):
+    """Every process's results for its share, gathered: each process gets the results of the whole list."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return in_order(parts)
+
+
+def generate_shared(model, tok, prompts, seed=None, **kw):
+    """generate() with each process answering its share of the prompts; all get every answer. A prompt's
+    sampling seed comes from its place in the whole list, so the answers are those of one process."""
+    seeds = prompt_seeds(seed, len(prompts)) if seed is not None else None
+    mine = generate(model, tok, my_share(list(prompts)), seed=seeds and my_share(seeds), **kw)
+    return gather_in_order(mine)
+
 
 
 # ---------------------------------------------------------------- the run
@@ -248,12 +316,13 @@ class Run:
         self.preset, self.seed, self.precision, self.retries, self.gate = preset, seed, precision, retries, gate
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         check_base(base)
-        if not self.dir.is_dir():
+        if is_main() and not self.dir.is_dir():
             self.dir.mkdir(parents=True)
         info = {"base": base if base in ("default", "tiny") else str(Path(base).resolve()), "preset": preset.name,
                 "seed": seed}
         if base == "tiny":
-            base = make_tiny_base(self.dir / "tiny-base", seed)
+            base = make_tiny_base(self.dir / "tiny-base", seed) if is_main() else self.dir / "tiny-base"
+            barrier()   # the others load it once it is written
         self.base = Path(M.default_base() if base == "default" else base).resolve()
         meta = self.dir / "run.json"
         if meta.exists():
@@ -262,7 +331,7 @@ class Run:
                 raise SystemExit(f"{meta}: this run was started with another base, preset or seed "
                                  f"({ {k: old.get(k) for k in info} }); use a new --run name or the same settings")
             check_base_sha256(meta, old, self.base)
-        else:
+        elif is_main():
             write_json(meta, {**info, "base_path": str(self.base), "preset_sizes": asdict(preset), "base_sha256": sha256_of(self.base), "command": argv,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -291,9 +360,10 @@ class Run:
         if not prompts:
             return []
         net, tok = self.load(k)
-        outs = generate(net, tok, list(prompts), max_new_tokens=max_new_tokens or self.preset.gen_tokens,
-                        temperature=temperature, top_p=0.95 if temperature else None, seed=seed,
-                        batch_size=self.preset.gen_batch, progress=_bar(desc or f"stage{k}-model writes", len(prompts)))
+        outs = generate_shared(net, tok, list(prompts), seed=seed, temperature=temperature,
+                               max_new_tokens=max_new_tokens or self.preset.gen_tokens,
+                               top_p=0.95 if temperature else None, batch_size=self.preset.gen_batch,
+                               progress=_bar(desc or f"stage{k}-model writes", len(prompts)))
         self.tokens_generated += sum(len(tok.encode(o)) for o in outs)
         return outs
 
@@ -302,7 +372,8 @@ class Run:
         if not prompts:
             return []
         net, tok = self.load(k)
-        return choice_logprobs(net, tok, list(prompts), options, batch_size=self.preset.gen_batch)
+        return gather_in_order(choice_logprobs(net, tok, my_share(list(prompts)), options,
+                                               batch_size=self.preset.gen_batch))
 
     def unload(self):
         self._loaded = (None, None, None)
@@ -316,7 +387,9 @@ class Run:
 
 
 def _bar(desc, total):
-    return tqdm(total=total, desc=desc, unit="prompt", leave=False, dynamic_ncols=True)
+    """A bar over this process's share of `total` prompts, shown by the first process only."""
+    return tqdm(total=len(my_share(range(total))), desc=desc, unit="prompt", leave=False, dynamic_ncols=True,
+                disable=not is_main())
 
 
 class Context:
@@ -393,7 +466,9 @@ def make_data(run, k):
     """data.jsonl (kept + replay, provenance in meta) and rejected.jsonl (with reasons); made once per stage.
     Stage 6 also writes sl.jsonl, the SFT rows of its supervised step."""
     d = run.stage_dir(k)
-    if (d / "data.jsonl").exists():
+    done = (d / "data.jsonl").exists()
+    barrier()   # every process has looked before the first one writes it
+    if done:
         return json.loads((d / "data_info.json").read_text())
     t0, tok0 = time.time(), run.tokens_generated
     ctx = Context(run, k)
@@ -401,8 +476,7 @@ def make_data(run, k):
     if k == 1 and run.preset.seed_examples:
         kept = ctx.rng.sample(kept, min(run.preset.seed_examples, len(kept)))
     replay = replay_rows(run, ctx, k, len(kept)) if k > 1 else []
-    if k == 6:
-        write_jsonl(d / "sl.jsonl", sl_rows(run, ctx, kept))
+    sl = sl_rows(run, ctx, kept) if k == 6 else None
     run.unload()
     info = {"made": len(kept) + len(rejected), "kept": len(kept), "replay": len(replay),
             "tokens_generated": run.tokens_generated - tok0, "minutes": (time.time() - t0) / 60}
@@ -413,9 +487,13 @@ def make_data(run, k):
                     harmful_pairs=sum(r["meta"]["kind"] == "harmful" for r in own),
                     benign_pairs=sum(r["meta"]["kind"] == "benign" for r in own),
                     helpful_pairs=sum(r["meta"].get("rejected_is") == "refusal" for r in replay))
-    write_jsonl(d / "rejected.jsonl", rejected)
-    write_json(d / "data_info.json", info)
-    write_jsonl(d / "data.jsonl", kept + replay)   # last: its existence marks the data as done
+    if is_main():
+        if sl is not None:
+            write_jsonl(d / "sl.jsonl", sl)
+        write_jsonl(d / "rejected.jsonl", rejected)
+        write_json(d / "data_info.json", info)
+        write_jsonl(d / "data.jsonl", kept + replay)   # last: its existence marks the data as done
+    barrier()   # the others read them next
     return info
 
 
@@ -479,6 +557,7 @@ def measure(run, k, sets, split="test"):
     n = sum(len(E.spread(E.load_eval_set(s, split=split), run.preset.eval_limit)) for s in sets)
     out = E.evaluate_sets(net.eval(), tok, sets, split, batch_size=run.preset.gen_batch,
                           max_new_tokens=run.preset.eval_tokens, limit=run.preset.eval_limit,
+                          generate_fn=generate_shared,
                           progress=_bar(f"stage{k} model answers sets {sets} ({split})", n))
     answers = [a for r in out.values() for s in r["samples"]       # a list where an item was sampled k times
                for a in (s["response"] if isinstance(s["response"], list) else [s["response"]])]
@@ -495,8 +574,11 @@ def base_results(run):
         p.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         res = measure(run, 0, list(range(1, 7)))
-        write_jsonl(p.parent / "samples.jsonl", [s for r in res.values() for s in r["samples"]])
-        write_json(p, {"results": {str(s): strip(r) for s, r in res.items()}, "minutes": (time.time() - t0) / 60})
+        if is_main():
+            write_jsonl(p.parent / "samples.jsonl", [s for r in res.values() for s in r["samples"]])
+            write_json(p, {"results": {str(s): strip(r) for s, r in res.items()},
+                           "minutes": (time.time() - t0) / 60})
+        barrier()
     return {int(s): r for s, r in json.loads(p.read_text())["results"].items()}
 
 
@@ -557,7 +639,10 @@ def dev_passes(run, k, attempt):
         return dev["value"] >= run.preset.thresholds[k], dev
     parent = run.stage_dir(6) / "dev_parent.json"       # stage 5 on the stage-6 dev prompts, measured once
     if not parent.exists():
-        write_json(parent, strip(measure(run, 5, [6], "dev")[6]))
+        was = strip(measure(run, 5, [6], "dev")[6])
+        if is_main():
+            write_json(parent, was)
+        barrier()
     was = json.loads(parent.read_text())
     return dev["value"] > was["value"] and dev["benign_helped"] >= was["benign_helped"], dev
 
@@ -570,10 +655,11 @@ def run_stage(run, k):
     rows = read_jsonl(d / "data.jsonl")
     attempts, t_train, t_eval, tok_eval0 = [], 0.0, 0.0, run.tokens_evaluated
     for attempt in range(run.retries + 1):
-        if attempt:   # train longer from the same parent: fresh training outputs (the stage's data stays)
+        if attempt and is_main():   # train longer from the same parent: fresh training outputs (data stays)
             train_sft.clear_outputs(d)
             if k == 6:
                 train_sft.clear_outputs(d / "sl")
+        barrier()
         t0 = time.time()
         summary = train_stage(run, k, rows, attempt)
         free()
@@ -597,7 +683,6 @@ def run_stage(run, k):
     passed, message = gate(run, k, results)
     print(f"stage {k}: {'passed' if passed else 'failed'}: {message}", flush=True)
     own = results[k]
-    write_jsonl(d / "samples.jsonl", [s for r in results.values() for s in r["samples"]])
     base, prev = base_results(run), stage_results(run, k - 1)
     ev = {"stage": k, "metric": own["metric"], "value": own["value"], "interval": own["interval"], "split": "test",
           "threshold": run.preset.thresholds.get(k), "passed": passed, "message": message, "n": own["n"],
@@ -610,7 +695,10 @@ def run_stage(run, k):
           "tokens_per_second": {"data": info["tokens_generated"] / max(info["minutes"] * 60, 1e-9),
                                 "train": summary["tokens"] / max(t_train, 1e-9),
                                 "eval": (run.tokens_evaluated - tok_eval0) / max(t_eval, 1e-9)}}
-    write_json(d / "eval.json", ev)     # last: marks the stage done
+    if is_main():
+        write_jsonl(d / "samples.jsonl", [s for r in results.values() for s in r["samples"]])
+        write_json(d / "eval.json", ev)     # last: marks the stage done
+    barrier()   # the next stage looks for it
     return ev
 
 
@@ -677,6 +765,8 @@ def tps(ev):
 
 def write_report(run):
     """report.md: one table built from the eval.json files, a chart per stage and the loss curves (SVG)."""
+    if not is_main():
+        return
     floors, base = floor_results(run), stage_results(run, 0) if (run.stage_dir(0) / "eval.json").exists() else {}
     lines = [f"# Bootstrapping run `{run.dir.name}`", "",
              f"Base: `{run.base}`; preset `{run.preset.name}`; seed {run.seed}. Every figure is measured on the test "
@@ -737,17 +827,23 @@ def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=N
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     check_base(base or preset.base)   # before the run folder is touched
-    folder = Path(root) / name
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
-    fd = lock_run(folder)
-    if fd is None and not all((folder / f"stage{k}" / "eval.json").exists() for k in stages):
-        raise SystemExit(f"{folder} is read-only and stages {list(stages)} are not all done: nothing can be resumed "
-                         "there; copy the run to a writable place")
+    formed = join_processes(device)   # under torchrun
+    folder, fd = Path(root) / name, None
     try:
-        return _run_stages(preset, root, name, stages, base, seed, device, precision, retries, gate, argv)
+        if is_main():   # the first process holds the lock and writes the folder; the others follow it
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+            fd = lock_run(folder)
+            if fd is None and not all((folder / f"stage{k}" / "eval.json").exists() for k in stages):
+                raise SystemExit(f"{folder} is read-only and stages {list(stages)} are not all done: nothing "
+                                 "can be resumed there; copy the run to a writable place")
+        barrier()
+        with contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO()):  # one log
+            return _run_stages(preset, root, name, stages, base, seed, device, precision, retries, gate, argv)
     finally:
         unlock_run(fd)
+        if formed:
+            dist.destroy_process_group()
 
 
 def _run_stages(preset, root="runs", name="default", stages=range(1, 7), base=None, seed=0, device="auto",

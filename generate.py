@@ -13,6 +13,7 @@ token prefix common to all prompts (system prompt, few-shot demonstrations) is p
 copied into each row. Prompts longer than the model's context are cut from the left, with a warning.
 """
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -89,9 +90,14 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 def draw(probs, generator=None):
     """One token per row of probs (B, vocab) by inverse CDF: a uniform per row against the running sum, the
     first token whose sum exceeds it (a token of probability 0 never is). torch.multinomial took 46 ms for
-    64 rows of 49,152 tokens on 2 cores, this 2 ms."""
+    64 rows of 49,152 tokens on 2 cores, this 2 ms. generator: one for the whole batch, or a list with one
+    (CPU) generator per row, so that a row's draws do not depend on which rows share its batch."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, generator=g) for g in generator]).to(probs.device)[:, None]
+    else:
+        u = torch.rand(len(probs), 1, generator=generator, device=probs.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
@@ -231,6 +237,7 @@ def generate_batch(model, tokenizer, prompt_ids, max_new_tokens=128, temperature
     batch_size cache rows (default: one per prompt) decode together; continuous: a finished row takes the
     next waiting prompt at once (else a new batch starts when all rows are done). share_prefix: the
     prompts' common prefix is prefilled once. on_done(i, n_tokens) is called as each prompt finishes.
+    generator: one for all draws, or a list with one per prompt (see draw).
     """
     dev = model.lm_head.weight.device
     ids, limits = fit_context(prompt_ids, max_new_tokens, model.config.max_position_embeddings)
@@ -254,7 +261,8 @@ def generate_batch(model, tokenizer, prompt_ids, max_new_tokens=128, temperature
                 held, lens = held + new, lens + [len(ids[i]) for i in new]
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen[:len(held)], repetition_penalty)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (rows,): the whole batch at once
+            gen = [generator[i] for i in held] if isinstance(generator, list) else generator
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (rows,): the whole batch at once
             if seen is not None:
                 seen[torch.arange(len(held), device=dev), nxt] = True
             done = [r for r, (i, t) in enumerate(zip(held, nxt.tolist())) if rows.add(i, t)]
@@ -274,6 +282,12 @@ def generate_batch(model, tokenizer, prompt_ids, max_new_tokens=128, temperature
 
 # ----------------------------------------------------------------------------- the public function
 
+def prompt_seeds(seed, n):
+    """A sampling seed for each of n prompts from one call's seed: hashed, so that nearby seeds and indices
+    give unrelated streams (and a negative seed is as good as any)."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "little") for i in range(n)]
+
+
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
              repetition_penalty=None, stop=None, seed=None, batch_size=16, callback=None, progress=False,
              share_prefix=True, continuous=True):
@@ -283,6 +297,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     everything after it. max_new_tokens: an int, or one per prompt. callback(i, piece) receives each prompt's text as it is produced.
     progress: True shows a tqdm bar; a tqdm bar is updated instead (the CLI shares one across calls).
     share_prefix, continuous: see generate_batch (off only to measure or test them).
+    seed: repeatable sampling. Each prompt draws from its own generator, seeded from (seed, its index), so its
+    answer does not depend on the other prompts of the call or on its place in the batches; a list gives each
+    prompt's seed itself (torchrun ranks pass their share of prompt_seeds(seed, n)).
     """
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     ids = [tokenizer.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
@@ -290,8 +307,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
         return []
     # longest first: rows admitted together have similar lengths (little padding) and a slow prompt starts early
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    dev = model.lm_head.weight.device
-    generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    generator = None
+    if seed is not None and temperature:
+        seeds = seed if isinstance(seed, (list, tuple)) else prompt_seeds(seed, len(ids))
+        generator = [torch.Generator().manual_seed(seeds[i]) for i in order]
     bar = progress if hasattr(progress, "update") else tqdm(total=len(ids), unit="prompt", disable=not progress)
 
     def done(j, n):

@@ -369,7 +369,9 @@ def keep_freed_memory():
 def setup(cfg):
     """Process group (under torchrun), base model in the training precision with a fresh LoRA."""
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        # NCCL for CUDA tensors, gloo for the loop's few CPU numbers (loss sums, DPO's reference log-probs)
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     dev, wdtype, amp = resolve(cfg)
     if dev.startswith("cuda"):
         torch.cuda.set_device(dev)
@@ -610,8 +612,12 @@ def reusable(cfg, fp):
     unless cfg.overwrite, which deletes it first."""
     out = Path(cfg.out)
     if cfg.overwrite:
+        if dist.is_initialized():   # formed by a caller (bootstrap): all looked at <out> before one clears
+            dist.barrier()
         if os.environ.get("RANK", "0") == "0":   # under torchrun one process clears, before the group forms
             clear_outputs(out, cfg.log)
+        if dist.is_initialized():
+            dist.barrier()
         return None
     records = [(out / "summary.json", "finished output"), (out / "checkpoint" / "state.safetensors", "checkpoint"),
                (out / "train_config.json", "training's settings")]

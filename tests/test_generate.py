@@ -390,6 +390,29 @@ def test_seeded_sampling_repeats_and_seeds_differ(tiny):
     assert run(0) != run(1)
 
 
+def test_an_answer_does_not_depend_on_the_other_prompts_of_its_call_or_batch(tiny):
+    """Each prompt samples from its own seed (the call's seed and the prompt's index): the prompts answered in
+    two shares, every other one, each with its prompts' seeds, and in other batch sizes, get the answers of
+    one call; greedy too (fp32: no row's logits change with the rows beside it). This is what lets torchrun
+    ranks split the prompts of a call."""
+    _, net, tok = tiny
+    prompts = PROMPTS + ["Tell me a joke.", "Count to five.", "Why is the sky blue?"]
+    seeds = G.prompt_seeds(7, len(prompts))
+    assert len(set(G.prompt_seeds(7, 1000))) == 1000 and G.prompt_seeds(8, 6) != seeds
+    answers = {}
+    for temperature in (1.0, 0.0):
+        kw = dict(max_new_tokens=12, temperature=temperature, top_p=0.95 if temperature else None)
+        whole = answers[temperature] = G.generate(net, tok, prompts, seed=7, batch_size=3, **kw)
+        assert G.generate(net, tok, prompts, seed=seeds, batch_size=3, **kw) == whole
+        for bs in (1, 2, 16):
+            shares = [G.generate(net, tok, prompts[r::2], seed=seeds[r::2], batch_size=bs, **kw)
+                      for r in (0, 1)]
+            assert [shares[i % 2][i // 2] for i in range(len(prompts))] == whole, (temperature, bs)
+    assert answers[1.0] != answers[0.0]   # the sampled answers are not all the greedy ones
+    other_seed = G.generate(net, tok, prompts, seed=8, max_new_tokens=12, temperature=1.0, top_p=0.95)
+    assert other_seed != answers[1.0]
+
+
 def test_bf16_under_no_grad_and_training_works_afterwards(tiny):
     path, _, tok = tiny
     net, _ = M.load(path, dtype=torch.bfloat16)
