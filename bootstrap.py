@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -84,8 +83,8 @@ class Preset:
 PRESETS = {
     # all six stages within about 30 minutes on a 2-core CPU. A 135M model trained for minutes does not reach
     # SPEC's gates, so this demo of the mechanics measures and reports every gate without stopping at one
-    "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=48, oversample=1.5, stage1_epochs=1, epochs=2,
-                       gen_tokens=40, recheck_all=False, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
+    "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=150, oversample=1.5, stage1_epochs=1, epochs=2,
+                       gen_batch=64, gen_tokens=40, recheck_all=False, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
                        gate=False),
     # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
@@ -204,9 +203,6 @@ def unlock_run(fd):
         os.close(fd)
 
 
-def gen_dtype(device):
-    """bf16 weights for generation on CUDA; fp32 on CPU, where this project's bf16 kernels are not faster."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 # ---------------------------------------------------------------- the run
@@ -240,7 +236,8 @@ class Run:
                                            "platform": platform.platform()}})
         self.eval_items = [it for s in range(1, 7) for it in E.load_eval_set(s)]
         self._loaded = (None, None, None)
-        self.tokens_generated = 0
+        self.tokens_generated = 0      # tokens the models wrote as data, and as eval answers: tok/s per phase
+        self.tokens_evaluated = 0
 
     def stage_dir(self, k):
         return self.dir / f"stage{k}"
@@ -253,7 +250,7 @@ class Run:
         if self._loaded[0] != k:
             self._loaded = (None, None, None)
             free()
-            net, tok = M.load(self.model_dir(k), device=self.device, dtype=gen_dtype(self.device))
+            net, tok = M.load(self.model_dir(k), device=self.device, dtype=M.fast_dtype(self.device))
             self._loaded = (k, net.eval(), tok)
         return self._loaded[1], self._loaded[2]
 
@@ -445,11 +442,14 @@ def eval_sets(k, preset):
 
 def measure(run, k, sets, split="test"):
     """The stage-k model's results on the given sets: all their prompts in one batched generation."""
-    net, tok = M.load(run.model_dir(k), device=run.device, dtype=gen_dtype(run.device))
+    net, tok = M.load(run.model_dir(k), device=run.device, dtype=M.fast_dtype(run.device))
     n = sum(len(E.spread(E.load_eval_set(s, split=split), run.preset.eval_limit)) for s in sets)
     out = E.evaluate_sets(net.eval(), tok, sets, split, batch_size=run.preset.gen_batch,
                           max_new_tokens=run.preset.eval_tokens, limit=run.preset.eval_limit,
                           progress=_bar(f"stage{k} model answers sets {sets} ({split})", n))
+    answers = [a for r in out.values() for s in r["samples"]       # a list where an item was sampled k times
+               for a in (s["response"] if isinstance(s["response"], list) else [s["response"]])]
+    run.tokens_evaluated += sum(len(tok.encode(a)) for a in answers)
     del net
     free()
     return out
@@ -535,7 +535,7 @@ def run_stage(run, k):
     info = make_data(run, k)
     check_contamination(run, k)
     rows = read_jsonl(d / "data.jsonl")
-    attempts, t_train, t_eval = [], 0.0, 0.0
+    attempts, t_train, t_eval, tok_eval0 = [], 0.0, 0.0, run.tokens_evaluated
     for attempt in range(run.retries + 1):
         if attempt:   # train longer from the same parent: fresh training outputs (the stage's data stays)
             train.clear_outputs(d)
@@ -573,7 +573,10 @@ def run_stage(run, k):
           "results": {str(s): strip(r) for s, r in results.items()},
           "attempts": attempts, "data": info, "tokens_trained": summary["tokens"],
           "minutes": {"data": info["minutes"], "train": t_train / 60, "eval": t_eval / 60,
-                      "total": info["minutes"] + (t_train + t_eval) / 60}}
+                      "total": info["minutes"] + (t_train + t_eval) / 60},
+          "tokens_per_second": {"data": info["tokens_generated"] / max(info["minutes"] * 60, 1e-9),
+                                "train": summary["tokens"] / max(t_train, 1e-9),
+                                "eval": (run.tokens_evaluated - tok_eval0) / max(t_eval, 1e-9)}}
     write_json(d / "eval.json", ev)     # last: marks the stage done
     return ev
 
@@ -633,6 +636,12 @@ def fmt(r):
     return f"{r['value']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r else "-"
 
 
+def tps(ev):
+    """Tokens/s of making data (tokens written), training (target tokens) and evaluating (answer tokens)."""
+    t = ev.get("tokens_per_second")     # absent from eval.json files written before it was recorded
+    return " / ".join(f"{t[p]:.0f}" for p in ("data", "train", "eval")) if t else "-"
+
+
 def write_report(run):
     """report.md: one table built from the eval.json files, a chart per stage and the loss curves (SVG)."""
     floors, base = floor_results(run), stage_results(run, 0) if (run.stage_dir(0) / "eval.json").exists() else {}
@@ -642,7 +651,7 @@ def write_report(run):
              "the same units (exact McNemar; a sign-flip test for the balanced stage-6 score). The floor is the best "
              "model-free responder (constants, echo, templates, copies, always refusing).", "",
              "| stage | made / kept (+replay) | metric | floor | base | after | p vs base | gate | minutes "
-             "(data + train + eval) |", "|---|---|---|---|---|---|---|---|---|"]
+             "(data + train + eval) | tok/s (data / train / eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
     curves, notes, charts, pages = {}, [], [], {}
     for k in range(1, 7):
         p = run.stage_dir(k) / "eval.json"
@@ -655,7 +664,7 @@ def write_report(run):
         lines.append(f"| {k} | {d['made']} / {d['kept']} (+{d['replay']}) | {ev['metric']} | {fl['value']:.3f} | "
                      f"{fmt(base.get(k))} | {fmt(ev)} | {ev['vs_base']['p']:.2g} | {thr}: "
                      f"{'**passed**' if ev['passed'] else 'failed'} | {m['data']:.1f} + {m['train']:.1f} + "
-                     f"{m['eval']:.1f} |")
+                     f"{m['eval']:.1f} | {tps(ev)} |")
         chart = f"chart-stage{k}.svg"
         bars = [("floor", fl["value"], fl["interval"]), ("base", base[k]["value"], base[k]["interval"])] if base else []
         pages[chart] = svg_bars(f"stage {k}: {ev['metric']} (test)", bars + [

@@ -67,8 +67,8 @@ class Tokenizer:
             return tok.token_to_id(v) if v else None
         self.eos_id = tid("eos_token")
         bos = config.get("bos_token")
-        self.bos_token = (bos.get("content") if isinstance(bos, dict)
-                          else bos) if self.format == "llama3" else None
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        self.bos_token = bos if self.format == "llama3" else None
         stops = {self.eos_id, tok.token_to_id(self.end_of_turn), tok.token_to_id("<|end_of_text|>")}
         self.stop_ids = sorted(i for i in stops if i is not None)  # a row ends at any of these
         self.pad_id = tid("pad_token") if tid("pad_token") is not None else self.stop_ids[0]

@@ -260,7 +260,8 @@ def parse_args(argv):
     p.add_argument("--device", metavar="D", type=_device, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", metavar="D", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+                   help="float32, bfloat16 or float16 (default: the fastest, model.fast_dtype: bf16 on a "
+                        "bf16 GPU or a CPU with native bf16, else fp32; bootstrap.py evaluates the same way)")
     a = p.parse_args(argv)
     a.stages = a.stages if a.stages else [a.stage]
     if a.stages == [None] or (len(a.stages) > 1 and (a.responses or a.eval_file)):
@@ -288,7 +289,8 @@ def main(argv=None):
         import builtin
         import model as M
         device = M.pick_device(a.device or "auto")
-        net, tok = M.load(builtin.default_base() if a.model == "default" else a.model, device, a.dtype)
+        net, tok = M.load(builtin.default_base() if a.model == "default" else a.model, device,
+                          a.dtype or M.fast_dtype(device))
         results = evaluate_sets(net, tok, stages, split, a.batch_size, a.max_new_tokens, a.limit,
                                 path=a.eval_file, progress=True)
     for s, r in results.items():

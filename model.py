@@ -97,8 +97,7 @@ def pick_device(device="auto"):
 
 def fast_dtype(device="cpu"):
     """The weight dtype that decodes fastest: bf16 on a bf16 GPU or a native-bf16 CPU, else fp32. On a 2-core
-    EPYC with AVX-512 BF16 (no AMX), bf16 decoded faster than fp32 at every batch size
-    (bench/bench_generate.py)."""
+    EPYC with AVX-512 BF16 (no AMX), bf16 decoded faster at every batch size (bench/bench_generate.py)."""
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
@@ -205,8 +204,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device))
 
     def update(self, where, k, v):
-        """Write k, v (B, n_kv, T, hd) at `where`; return the rows' keys and values over their filled
-        slots."""
+        """Write k, v (B, n_kv, T, hd) at `where`; return the rows' keys and values in their filled slots."""
         rows, row_ids, slots, S = where                # slice, (B, 1), (B, T), int
         # (B, T, n_kv, hd) into (rows, n_kv, slots, hd)
         self.k[row_ids, :, slots] = k.transpose(1, 2).to(self.k.dtype)
@@ -214,8 +212,7 @@ class KVCache(nn.Module):
         return self.k[rows, :, :S], self.v[rows, :, :S]  # (B, n_kv, S, hd): attend to the filled part only
 
     def copy_rows(self, src, dst, n):
-        """Slots [0, n) of row src into rows dst (a slice): a shared prefix, or a row moved to another
-        slot."""
+        """Slots [0, n) of row src into rows dst (a slice): a shared prefix, or a row moved elsewhere."""
         self.k[dst, :, :n] = self.k[src, :, :n]
         self.v[dst, :, :n] = self.v[src, :, :n]
 
@@ -694,14 +691,3 @@ def save_pretrained(model, tokenizer, path):
     atomic_text(path / "config.json", json_text(hf, indent=2))
     atomic_text(path / "tokenizer.json", tokenizer.tok.to_str())
     atomic_text(path / "tokenizer_config.json", json_text(tokenizer.config, indent=2))
-
-
-def compile_blocks(model):
-    """torch.compile every block, shapes dynamic (rows and cache length change every step): fuses the small
-    ops around the matmuls. On 2 CPU cores, bf16: decode steps 12% faster at batch 1, 11% at 16 and 5% at 64,
-    after about 15 s of compiling. Tokens may differ from eager where two logits are within rounding."""
-    # one graph per kind of call (batch or length 1 or more, mask or none): more than dynamo's default 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for layer in model.model.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
-    return model

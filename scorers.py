@@ -362,9 +362,13 @@ def statement_problem(s):
 
 
 check_question = shape_scorer("a question", question_problem)
-check_help_request = shape_scorer("a request for help", lambda q: "offers help instead of asking"
-                                  if OFFER_RE.search(q) else None if HELP_RE.search(q)
-                                  else "asks for no help")
+def help_request_problem(q):
+    if OFFER_RE.search(q):
+        return "offers help instead of asking"
+    return None if HELP_RE.search(q) else "asks for no help"
+
+
+check_help_request = shape_scorer("a request for help", help_request_problem)
 check_polite_request = shape_scorer("a polite request",
                                     lambda q: None if POLITE_RE.search(q) else "no polite request",
                                     # 'May I have a glass of water, please?' adds no word to its prompt

@@ -209,20 +209,9 @@ class _Needles:
         return [(" ".join(t[i:i + k]), self.table) for i, w in enumerate(t) for k in self.starts.get(w, ())]
 
 
-def contamination(train_rows, eval_items, n=8, template=3):
-    """Training rows that share an eval item's content: [{train_index, eval_id, ngram}], one hit per (row,
-    item). Each field of a row is read alone, as _tokens(). Hits:
-    - an n-gram of an eval prompt with at least n/4 (and 2) content words: not stop words, and not the sets'
-      frames (words inside 4-grams that `template` or more eval prompts share, such as 'Is this answer
-      correct? Question:'), so frame words alone never match;
-    - a short prompt (3+ tokens) equal to a text, or held whole in a user turn when it has 4+ words
-      (numbers and signs not counted: 'What is 6 + 7?' also opens 'What is 6 + 7 + 2?');
-    - a question inside a longer eval prompt ('Question: What is the capital of Australia?') held in a
-      user turn;
-
-    - an answer the eval shows the judge ('Answer: The capital of Australia is Canberra.') stated in an
-      assistant turn, which teaches the verdict.
-    Training on a task's format is the point; training on an eval item's content is the leak."""
+def _eval_index(eval_items, n, template):
+    """What contamination() looks for: (content n-grams, short prompts whole, questions a user may ask,
+    answers an assistant may state), each naming its eval item."""
     toks = [_tokens(it["prompt"]) for it in eval_items]
     count = {}        # 4-grams shared by `template` or more eval prompts are the sets' frames
     for t in toks:
@@ -249,6 +238,23 @@ def contamination(train_rows, eval_items, n=8, template=3):
                 asked.add(s, it["id"])
             elif label in ("Answer", "Response", "A", "B") and len(s) >= 5 and len(_content(s)) >= 3:
                 stated.add(s, it["id"])
+    return grams, equal, asked, stated
+
+
+def contamination(train_rows, eval_items, n=8, template=3):
+    """Training rows that share an eval item's content: [{train_index, eval_id, ngram}], one hit per (row,
+    item). Each field of a row is read alone, as _tokens(). Hits:
+    - an n-gram of an eval prompt with at least n/4 (and 2) content words: not stop words, and not the sets'
+      frames (words inside 4-grams that `template` or more eval prompts share, such as 'Is this answer
+      correct? Question:'), so frame words alone never match;
+    - a short prompt (3+ tokens) equal to a text, or held whole in a user turn when it has 4+ words
+      (numbers and signs not counted: 'What is 6 + 7?' also opens 'What is 6 + 7 + 2?');
+    - a question inside a longer eval prompt ('Question: What is the capital of Australia?') held in a
+      user turn;
+    - an answer the eval shows the judge ('Answer: The capital of Australia is Canberra.') stated in an
+      assistant turn, which teaches the verdict.
+    Training on a task's format is the point; training on an eval item's content is the leak."""
+    grams, equal, asked, stated = _eval_index(eval_items, n, template)
     hits, seen = [], set()
     for idx, row in enumerate(train_rows):
         for text, user in _texts(row):             # each field alone: no n-gram across two messages

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import builtin  # noqa: E402
 import model as M  # noqa: E402
-from generate import choice_logprobs, common_prefix, generate  # noqa: E402
+from generate import choice_logprobs, common_prefix, compile_blocks, generate  # noqa: E402
 
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper.", "Explain how rain forms.",
@@ -126,7 +126,7 @@ def decode(path, args, transformers, sampling=None, batches=None):
         net, tok, endless, hf = load_pair(path, DTYPES[name], transformers)
         nets = {"ours": net}
         if args.compile:  # a second copy, compiled (about 20 s, in the warm-up below)
-            nets["compiled"] = M.compile_blocks(M.load(path, dtype=DTYPES[name])[0])
+            nets["compiled"] = compile_blocks(M.load(path, dtype=DTYPES[name])[0])
         for b in batches or [int(x) for x in args.batches.split(",")]:
             prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
             ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TIMING_KEYS = {"minutes", "seconds", "tokens_per_s", "started", "command"}
+TIMING_KEYS = {"minutes", "seconds", "tokens_per_s", "tokens_per_second", "started", "command"}
 
 
 def untimed(obj):
@@ -38,8 +38,9 @@ def digest(path):
     elif path.suffix == ".jsonl":
         raw = "\n".join(json.dumps(untimed(json.loads(line)), sort_keys=True)
                         for line in raw.decode().splitlines() if line.strip()).encode()
-    elif path.name == "report.md":   # the table's last column is minutes
-        raw = re.sub(r"\| [\d.]+ \+ [\d.]+ \+ [\d.]+ \|", "| minutes |", raw.decode()).encode()
+    elif path.name == "report.md":   # the table's minutes and tokens/s columns
+        text = re.sub(r"\| [\d.]+ \+ [\d.]+ \+ [\d.]+ \|", "| minutes |", raw.decode())
+        raw = re.sub(r"\| (?:[\d.]+ / [\d.]+ / [\d.]+|-) \|", "| tok/s |", text).encode()
     elif path.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(path), "pt") as f:

@@ -467,7 +467,7 @@ def test_compiled_blocks_give_the_same_greedy_tokens(tiny):
     net, _ = M.load(path)
     ids = chat_ids(tok, PROMPTS)
     eager, _ = G.generate_batch(net, tok, ids, max_new_tokens=10, batch_size=2)
-    M.compile_blocks(net)
+    G.compile_blocks(net)
     assert G.generate_batch(net, tok, ids, max_new_tokens=10, batch_size=2)[0] == eager
 
 

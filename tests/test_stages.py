@@ -116,6 +116,46 @@ def test_stage2_provenance_is_truthful_and_keyed_answers_are_checked():
     assert keyed and all("disagrees with the seed" in r["reason"] for r in keyed)
 
 
+class Stage3Ctx(FakeCtx):
+    """The stage-2 writer as the real 135M one behaves: a numbered line, often about another topic than the
+    asked one, sometimes a near-copy of an instruction it wrote before, sometimes no instruction at all."""
+    OTHER = ["Describe how glaciers carve deep valleys.", "Explain why cats purr when they are content.",
+             "List three uses for an old wooden ladder.", "Tell me how lighthouses warned ships at night."]
+
+    def ask(self, k, prompts, temperature=0.0, max_new_tokens=None):
+        out = []
+        for p in prompts:
+            t, i = text_of(p), len(self.asked)
+            self.asked.append(k)
+            if t.startswith("Here are two instructions"):
+                asked = t.split("same kind, about ")[1].split(". Reply")[0]
+                out.append(["3. Write a short poem about " + asked + ".",          # on topic, numbered
+                            "3. " + self.OTHER[(i // 4) % 4],                      # another topic
+                            "3. Write a short poem about " + asked + "!",          # a near-copy of a kept one
+                            "3. Hello."][i % 4])                                   # not an instruction
+            else:
+                out.append("Here is one answer about " + t.lower().rstrip(".?!") + ", with new details too.")
+        return out
+
+
+def test_stage3_keeps_novel_instructions_off_the_asked_topic_and_drops_copies():
+    ctx = Stage3Ctx()
+    kept, rejected = S.make_stage3(ctx)
+    prompts = [r["messages"][0]["content"] for r in kept + rejected]
+    assert prompts and not any(x.startswith("3.") for x in prompts)               # the list mark is gone
+    by_instruction = ("instruction", "not an instruction")
+    passed = [r for r in kept + rejected if not r.get("reason", "").startswith(by_instruction)]
+    off = [r for r in passed if r["messages"][0]["content"] in Stage3Ctx.OTHER]
+    assert len(off) == 4 and all(r["meta"]["topic"] is None for r in off)    # kept on, its topic not claimed
+    poems = [r for r in passed if "poem" in r["messages"][0]["content"]]
+    assert poems
+    assert all(r["meta"]["topic"] and r["meta"]["topic"] in r["messages"][0]["content"] for r in poems)
+    reasons = [r["reason"] for r in rejected]
+    assert any("not novel" in x for x in reasons) and any("3-30 words" in x for x in reasons)
+    stage2 = {"prompt": "stage2-model", "response": "stage2-model"}
+    assert all(r["meta"]["written_by"] == stage2 for r in passed)
+
+
 def test_stage4_labels_come_from_truth_and_are_balanced():
     ctx = FakeCtx()
     kept, _ = S.make_stage4(ctx)
