@@ -7,7 +7,7 @@
 For each stage: make data with the earlier models (stages.py), filter it, mix in replay, check it against
 every eval set, train (train_sft / train_dpo), evaluate this stage and re-check earlier skills, write
 eval.json, then gate. A stage is done when its eval.json exists; running the same command again skips done
-stages and resumes an interrupted one. Layout of runs/NAME/: DESIGN.md, "A run".
+stages and resumes an interrupted one. The layout of runs/NAME/: docs/run_layout.md.
 """
 import argparse
 import errno
@@ -82,11 +82,11 @@ class Preset:
 
 PRESETS = {
     # all six stages within about 30 minutes on a 2-core CPU. A 135M model trained for minutes does not reach
-    # SPEC's gates, so this demo of the mechanics measures and reports every gate without stopping at one
+    # the gates of docs/stages.md, so this demo of the mechanics measures and reports every gate, stopping at none
     "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=150, oversample=1.5, stage1_epochs=1, epochs=2,
                        gen_batch=64, gen_tokens=40, recheck_all=False, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
                        gate=False),
-    # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
+    # docs/stages.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
                    max_len=512, gen_batch=64, gen_tokens=96, eval_tokens=96),
     # a tiny random model through every code path in about a minute (the tests)
@@ -755,7 +755,7 @@ def main(argv=None):
     p.add_argument("--base", type=base_arg, default=None, help="parent model: 'default' (built-in SmolLM2-135M-Instruct) "
                    "or a Hugging Face directory; the preset's choice when omitted")
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="sizes: cpu-demo (about 30 min on "
-                   "2 CPU cores), full (SPEC.md's sizes, for a GPU), smoke (tiny random model, for tests)")
+                   "2 CPU cores), full (docs/stages.md's sizes, for a GPU), smoke (tiny random model, for tests)")
     p.add_argument("--run", type=run_name, default=None, help="folder name under --root (default: the preset's name)")
     p.add_argument("--root", default=str(ROOT / "runs"), help="folder that holds the runs")
     p.add_argument("--stages", type=parse_stages, default=list(range(1, 7)), help="stages to run, e.g. 3 or 2-4")
