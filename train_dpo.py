@@ -1,10 +1,11 @@
 """Direct Preference Optimization with LoRA; the reference is the same model with its adapters switched off.
 
-The loop, checkpoints, resume, precision and torchrun come from train_sft.fit; this file adds the pair
+The loop, checkpoints, resume, precision and torchrun come from train.py (`fit`); this file adds the pair
 data, the loss and the reference log-probabilities.
     python train_dpo.py --base DIR --data pairs.jsonl --out runs/x [--beta 0.1] [--loss-type sigmoid]
 """
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,29 +13,35 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import files
 import model as M
-import train_sft as S
+from train import (RULES as TRAIN_RULES, Recipe, TrainConfig, check_config, cli, collate, encode_rows, fit,
+                   parse_config, policy_logprobs, prepare, rule, setup, split, start_owning, write_summary)
 
 
 @dataclass
-class DPOConfig(S.SFTConfig):
-    data: str = ""              # JSONL of {"prompt", "chosen", "rejected"}: message lists or texts (TRL's layout)
+class DPOConfig(TrainConfig):
+    data: str = ""              # JSONL of {"prompt", "chosen", "rejected"}: message lists or texts (as TRL)
     epochs: int = 1             # passes over the pairs (unless max_steps is set)
     lr: float = 5e-5            # peak learning rate
     batch_size: int = 2         # pairs per micro-batch (per process): 2x rows in one forward
     beta: float = 0.1           # strength of the KL penalty to the reference
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
-    precompute_ref: bool = False  # compute every reference log-prob once before training (<out>/ref_logps.json)
+    precompute_ref: bool = False  # compute the reference log-probs once, first (<out>/ref_logps.json)
 
 
-RULES = {**S.RULES,
-         "beta": S._rule(lambda v: S._finite(v) and v > 0, "a finite number > 0 (0 learns nothing; < 0 prefers the rejected)"),
-         "loss_type": S._rule(lambda v: v in ("sigmoid", "ipo"), "sigmoid or ipo"),
-         "label_smoothing": S._rule(lambda v: 0 <= v < 0.5, "in [0, 0.5) (0.5 learns nothing; more prefers the rejected)")}
+
+RULES = {**TRAIN_RULES,
+         "beta": rule(lambda v: math.isfinite(v) and v > 0,
+                      "a finite number > 0 (0 learns nothing; < 0 prefers the rejected)"),
+         "loss_type": rule(lambda v: v in ("sigmoid", "ipo"), "sigmoid or ipo"),
+         "label_smoothing": rule(lambda v: 0 <= v < 0.5,
+                                 "in [0, 0.5) (0.5 learns nothing; more prefers the rejected)")}
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0, loss_type="sigmoid"):
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0,
+             loss_type="sigmoid"):
     """Per-pair losses and the implicit rewards beta * (policy - reference), detached, for logging."""
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # = (pc - pr) - (rc - rr)
     if loss_type == "sigmoid":  # Rafailov et al. eq. 7; smoothing as cDPO (DPO authors' code, torchtune)
@@ -43,7 +50,10 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, lab
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type {loss_type!r}: choose sigmoid or ipo")
-    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+    chosen_reward = beta * (policy_chosen - ref_chosen).detach()
+    rejected_reward = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_reward, rejected_reward
+
 
 
 def _messages(x, role, name):
@@ -83,9 +93,10 @@ def dpo_example(tok, max_len):
 
 def collate_pairs(examples, pad_id):
     """Chosen rows then rejected rows in one batch, so both go through the model in one forward."""
-    batch = S.collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+    batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
     if "ref" in examples[0]:
-        batch["ref"] = torch.tensor([e["ref"][0] for e in examples] + [e["ref"][1] for e in examples], dtype=torch.float32)
+        batch["ref"] = torch.tensor([e["ref"][0] for e in examples] + [e["ref"][1] for e in examples],
+                                    dtype=torch.float32)
     return batch
 
 
@@ -95,7 +106,7 @@ def count_pairs(batch):
 
 def response_logprobs(model, batch, loss_type):
     """Summed response log-probs per row (fp32); IPO uses the mean per token, as TRL does."""
-    lp = S.policy_logprobs(model, batch)
+    lp = policy_logprobs(model, batch)
     return lp / batch["loss_mask"][:, 1:].sum(-1) if loss_type == "ipo" else lp
 
 
@@ -110,9 +121,11 @@ def make_loss(cfg):
                 ref = response_logprobs(inner, batch, cfg.loss_type)
         pol = response_logprobs(model, batch, cfg.loss_type)
         n = len(pol) // 2
-        losses, rc, rr = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        losses, rc, rr = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, cfg.label_smoothing,
+                                  cfg.loss_type)
         pd = pol.detach()
-        per_token = pd if cfg.loss_type == "ipo" else pd / batch["loss_mask"][:, 1:].sum(-1)   # ipo's is a mean already
+        # ipo's is a mean already
+        per_token = pd if cfg.loss_type == "ipo" else pd / batch["loss_mask"][:, 1:].sum(-1)
         return losses.sum(), {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(),
                               "rewards/accuracy": (rc > rr).float().sum(), "rewards/margin": (rc - rr).sum(),
                               "logps/chosen": pd[:n].sum(), "logps/rejected": pd[n:].sum(),
@@ -122,8 +135,9 @@ def make_loss(cfg):
 
 
 @torch.no_grad()
-def precompute_ref(cfg, model, tok, examples, dev, amp):
-    """Reference log-probs of every pair, computed once (each rank its share) and kept in <out>/ref_logps.json."""
+def precompute_ref(cfg, job, examples):
+    """Reference log-probs of every pair, computed once (each rank its share) and kept in
+    <out>/ref_logps.json."""
     path = Path(cfg.out) / "ref_logps.json"
     if path.exists() and len(saved := json.loads(path.read_text())) == len(examples):
         refs = saved
@@ -131,12 +145,13 @@ def precompute_ref(cfg, model, tok, examples, dev, amp):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         out = torch.zeros(len(examples), 2, dtype=torch.float64)
         idx = list(range(rank, len(examples), world))
-        ctx = torch.autocast(dev.split(":")[0], dtype=amp) if amp is not None else torch.autocast("cpu", enabled=False)
+        model = job.model
         model.eval()
-        with M.lora_disabled(model), ctx:
+        with M.lora_disabled(model), job.autocast():
             for i in range(0, len(idx), cfg.batch_size):
                 part = idx[i:i + cfg.batch_size]
-                b = {k: v.to(dev) for k, v in collate_pairs([examples[j] for j in part], tok.pad_id).items()}
+                b = {k: v.to(job.dev) for k, v in collate_pairs([examples[j] for j in part],
+                                                                job.tok.pad_id).items()}
                 lp = response_logprobs(model, b, cfg.loss_type).double().cpu()
                 out[part] = torch.stack([lp[:len(part)], lp[len(part):]], 1)
         if world > 1:
@@ -144,31 +159,31 @@ def precompute_ref(cfg, model, tok, examples, dev, amp):
         refs = out.tolist()
         if rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            M._atomic_text(path, M.json_text(refs))
+            files.atomic_text(path, files.json_text(refs))
     for e, r in zip(examples, refs):
         e["ref"] = r
 
 
 def train(cfg: DPOConfig, rows: list[dict] | None = None) -> dict:
-    """Train a fresh LoRA on cfg.base with DPO on the pairs (or cfg.data); write <out>/model, <out>/adapter and
-    <out>/summary.json. Reuse and resume as train_sft.train: only what this very training wrote."""
-    S.check_config(cfg, RULES)
-    located, _, fp, done = S.prepare(cfg, rows)
+    """Train a fresh LoRA on cfg.base with DPO on the pairs (or cfg.data); write <out>/model, <out>/adapter
+    and <out>/summary.json. Reuse and resume as train_sft.train: only what this very training wrote."""
+    check_config(cfg, RULES)
+    located, _, fp, done = prepare(cfg, rows)
     if done:
         return done
-    model, tok, base, dev, amp = S.setup(cfg)
-    examples, dropped = S.encode_rows(located, dpo_example(tok, cfg.max_len), cfg.skip_bad)
-    S.begin(cfg, fp)
+    job = setup(cfg)
+    examples, dropped = encode_rows(located, dpo_example(job.tok, cfg.max_len), cfg.skip_bad)
+    start_owning(cfg, fp)
     if cfg.precompute_ref:
-        precompute_ref(cfg, model, tok, examples, dev, amp)
-    train_ex, eval_ex = S.split(examples, cfg.eval_frac, cfg.seed)
-    summary = S.fit(cfg, model, tok, base, dev, amp, train_ex, eval_ex, collate_pairs, make_loss(cfg), count_pairs,
-                    fingerprint=fp)
-    return S.finish(cfg, summary, dropped, fp)
+        precompute_ref(cfg, job, examples)
+    train_ex, eval_ex = split(examples, cfg.eval_frac, cfg.seed)
+    summary = fit(cfg, job, Recipe(collate_pairs, make_loss(cfg), count_pairs), train_ex, eval_ex,
+                  fingerprint=fp)
+    return write_summary(cfg, summary, dropped, fp)
 
 
 def main(argv=None):
-    S.cli(S.parse_config(DPOConfig, argv, __doc__.splitlines()[0], RULES), train)
+    cli(parse_config(DPOConfig, argv, __doc__.splitlines()[0], RULES), train)
 
 
 if __name__ == "__main__":

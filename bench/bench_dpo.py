@@ -16,9 +16,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
 import train_dpo as D  # noqa: E402
-import train_sft as S  # noqa: E402
+import train  # noqa: E402
+import train_sft as sft  # noqa: E402
 from bench_train import TARGETS, best_step_seconds, peak_rss_gb, run_configs  # noqa: E402
 
 
@@ -34,25 +36,27 @@ def batch(pairs, seq, prompt=32):
 
 def run_one(name, pairs, seq, steps, repeat):
     impl, precision = name.split(":")
-    if precision.endswith("+malloc"):  # give theirs the heap setting ours makes (S.keep_freed_memory)
+    if precision.endswith("+malloc"):  # give theirs the heap setting ours makes (train.keep_freed_memory)
         precision = precision.removesuffix("+malloc")
-        S.keep_freed_memory()
+        train.keep_freed_memory()
     b = batch(pairs, seq)
     cfg = D.DPOConfig(precision=precision, device="cpu")
     if impl in ("dpo", "sft"):
-        model, _, _, _, amp = S.setup(cfg)
+        job = train.setup(cfg)
+        model, amp = job.model, job.amp
         params = M.lora_parameters(model)
-        loss_fn = D.make_loss(cfg) if impl == "dpo" else S.sft_loss
+        loss_fn = D.make_loss(cfg) if impl == "dpo" else sft.sft_loss
     else:
         import transformers
         from peft import LoraConfig, get_peft_model
-        hf = transformers.AutoModelForCausalLM.from_pretrained(M.default_base(), dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(builtin.default_base(), dtype=torch.float32)
         pm = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS)))
-        params, amp = [p for p in pm.parameters() if p.requires_grad], torch.bfloat16 if precision == "bf16" else None
+        params, amp = [p for p in pm.parameters()
+                       if p.requires_grad], torch.bfloat16 if precision == "bf16" else None
 
         def logps(t):
             logits = pm(input_ids=t["tokens"], attention_mask=t["attention_mask"]).logits
-            return S.sequence_logprobs(logits[:, :-1], t["tokens"][:, 1:], t["loss_mask"][:, 1:])
+            return train.sequence_logprobs(logits[:, :-1], t["tokens"][:, 1:], t["loss_mask"][:, 1:])
 
         def loss_fn(_, t):  # the usual transformers + peft DPO step: adapter-off reference, full logits
             with torch.no_grad(), pm.disable_adapter():
@@ -73,7 +77,8 @@ def run_one(name, pairs, seq, steps, repeat):
         opt.zero_grad(set_to_none=True)
 
     best = best_step_seconds(step, steps, repeat)
-    return {"name": name, "tokens_per_s": 2 * pairs * seq / best, "step_s": best, "peak_rss_gb": peak_rss_gb()}
+    return {"name": name, "tokens_per_s": 2 * pairs * seq / best, "step_s": best,
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def main():
@@ -83,7 +88,8 @@ def main():
     ap.add_argument("--seq", type=int, default=256, help="tokens per row")
     ap.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
     ap.add_argument("--repeat", type=int, default=2, help="timed repeats; the best is reported")
-    ap.add_argument("--configs", default="sft:fp32,dpo:fp32,hf:fp32,hf:fp32+malloc", help="comma-separated impl:precision "
+    ap.add_argument("--configs", default="sft:fp32,dpo:fp32,hf:fp32,hf:fp32+malloc",
+                    help="comma-separated impl:precision "
                     "(impl sft, dpo or hf; precision fp32 or bf16; +malloc gives hf our heap setting)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -91,18 +97,20 @@ def main():
     if args.one:
         print(json.dumps(run_one(args.one, args.pairs, args.seq, args.steps, args.repeat)))
         return
-    M.default_base()
+    builtin.default_base()
     res = run_configs(__file__, args.configs.split(","), args, ("threads", "pairs", "seq", "steps", "repeat"))
     dpo = [r for n, r in res.items() if n.startswith("dpo:")]
     if dpo:
         d = max(dpo, key=lambda r: r["tokens_per_s"])
-        sft = res.get("sft:" + d["name"].split(":")[1])
-        if sft:
-            print(f"DPO/SFT peak RSS {d['peak_rss_gb'] / sft['peak_rss_gb']:.2f}x, tokens/s {d['tokens_per_s'] / sft['tokens_per_s']:.2f}x")
+        sft_res = res.get("sft:" + d["name"].split(":")[1])
+        if sft_res:
+            print(f"DPO/SFT peak RSS {d['peak_rss_gb'] / sft_res['peak_rss_gb']:.2f}x, tokens/s "
+                  f"{d['tokens_per_s'] / sft_res['tokens_per_s']:.2f}x")
         hf = [r for n, r in res.items() if n.startswith("hf:")]
         if hf:
             h = max(hf, key=lambda r: r["tokens_per_s"])
-            print(f"ours {d['name']} / transformers + peft {h['name']}: {d['tokens_per_s'] / h['tokens_per_s']:.2f}x tokens/s")
+            print(f"ours {d['name']} / transformers + peft {h['name']}: "
+                  f"{d['tokens_per_s'] / h['tokens_per_s']:.2f}x tokens/s")
 
 
 if __name__ == "__main__":

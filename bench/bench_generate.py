@@ -1,6 +1,7 @@
 """Generation speed on the built-in model: ours against transformers in the same process, runs alternating.
 
-    python bench/bench_generate.py [--threads 2] [--parts decode,sampled,mixed,prefix] [--repeat 3] [--compile]
+    python bench/bench_generate.py [--threads 2] [--parts decode,sampled,mixed,prefix] [--repeat 3]
+    [--compile]
 
 decode  batch 1, 16 and 64 in fp32 and bf16: 128 new tokens per row, greedy, end tokens ignored (ours: the
         tokenizer's stop ids emptied; transformers: min_new_tokens = max_new_tokens), the same prompt ids.
@@ -29,15 +30,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
 from generate import choice_logprobs, common_prefix, compile_blocks, generate  # noqa: E402
 
 PROMPTS = [
-    "Tell me a long story about a lighthouse keeper.", "Explain how rain forms.", "Write a poem about autumn.",
-    "What is the history of the bicycle?", "Describe a busy market in the morning.", "How do computers store numbers?",
-    "Give me ten tips for learning to cook.", "Why is the sky blue?", "Summarize the plot of a detective novel you invent.",
-    "Describe the water cycle in detail.", "Write a letter to a friend about a holiday.", "How do bees make honey?",
-    "Explain photosynthesis to a child.", "What makes a good teacher?", "Describe the life of a tree over a century.",
+    "Tell me a long story about a lighthouse keeper.", "Explain how rain forms.",
+    "Write a poem about autumn.",
+    "What is the history of the bicycle?", "Describe a busy market in the morning.",
+    "How do computers store numbers?",
+    "Give me ten tips for learning to cook.", "Why is the sky blue?",
+    "Summarize the plot of a detective novel you invent.",
+    "Describe the water cycle in detail.", "Write a letter to a friend about a holiday.",
+    "How do bees make honey?",
+    "Explain photosynthesis to a child.", "What makes a good teacher?",
+    "Describe the life of a tree over a century.",
     "List the planets and one fact about each.",
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,7 +70,8 @@ def measured(fn):
 
 
 def best_of(runs, repeat):
-    """{name: (best seconds, largest extra RSS)} over `repeat` rounds that run every entry once, alternating."""
+    """{name: (best seconds, largest extra RSS)} over `repeat` rounds that run every entry once,
+    alternating."""
     best = {k: (float("inf"), 0.0) for k in runs}
     for _ in range(repeat):
         for k, fn in runs.items():
@@ -97,7 +105,9 @@ def load_pair(path, dtype, transformers):
 
 def row(label, ours, theirs, tokens, extra=""):
     o = f"{tokens / ours[0]:9.1f} {ours[1]:6.2f}G"
-    t = f"{tokens / theirs[0]:9.1f} {theirs[1]:6.2f}G {theirs[0] / ours[0]:7.2f}x" if theirs else f"{'-':>9s} {'-':>7s} {'-':>8s}"
+    t = f"{'-':>9s} {'-':>7s} {'-':>8s}"
+    if theirs:
+        t = f"{tokens / theirs[0]:9.1f} {theirs[1]:6.2f}G {theirs[0] / ours[0]:7.2f}x"
     print(f"{label:34s} {o} {t} {extra}", flush=True)
 
 
@@ -110,7 +120,8 @@ def decode(path, args, transformers, sampling=None, batches=None):
     sampling = sampling or {}
     how = "temperature 0.8, top-p 0.95" if sampling else "greedy"
     print(f"\n== decode: {args.new_tokens} new tokens per row, {how}, tok/s = rows x {args.new_tokens} / s")
-    print(f"{'dtype, batch':34s} {'ours tok/s':>9s} {'xRSS':>7s} {'hf tok/s':>9s} {'xRSS':>7s} {'ours/hf':>8s}")
+    print(f"{'dtype, batch':34s} {'ours tok/s':>9s} {'xRSS':>7s} {'hf tok/s':>9s} {'xRSS':>7s} "
+          f"{'ours/hf':>8s}")
     for name in args.dtypes.split(","):
         net, tok, endless, hf = load_pair(path, DTYPES[name], transformers)
         nets = {"ours": net}
@@ -119,7 +130,8 @@ def decode(path, args, transformers, sampling=None, batches=None):
         for b in batches or [int(x) for x in args.batches.split(",")]:
             prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
             ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
-            runs = {k: (lambda m=m: generate(m, endless, prompts, max_new_tokens=args.new_tokens, batch_size=b,
+            runs = {k: (lambda m=m: generate(m, endless, prompts, max_new_tokens=args.new_tokens,
+                                             batch_size=b,
                                              **sampling)) for k, m in nets.items()}
             for m in nets.values():
                 generate(m, endless, prompts, max_new_tokens=4, batch_size=b)  # warm-up (and compile)
@@ -128,9 +140,10 @@ def decode(path, args, transformers, sampling=None, batches=None):
                 runs["hf"] = lambda: hf_generate(hf, tok, ids, args.new_tokens, **sampling)
             r = best_of(runs, args.repeat)
             for k in nets:
-                row(f"{name} batch {b}" + (" compiled" if k == "compiled" else "") + (" sampled" if sampling else ""),
+                row(f"{name} batch {b}" + (" compiled" if k == "compiled" else "") + (" sampled" if sampling
+                                                                                      else ""),
                     r[k], r.get("hf"), b * args.new_tokens)
-        del net, nets, hf
+        net = nets = hf = None   # freed before the next dtype's models load
 
 
 def mixed(path, args, transformers):
@@ -144,17 +157,20 @@ def mixed(path, args, transformers):
     for name in args.dtypes.split(","):
         net, tok, endless, hf = load_pair(path, DTYPES[name], transformers)
         ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
-        order = sorted(range(64), key=lambda i: -len(ids[i]))  # generate()'s admission order: its static batches
-        run = lambda cont: generate(net, endless, prompts, max_new_tokens=lengths, batch_size=16, continuous=cont)  # noqa: E731
+        # generate()'s admission order: its static batches
+        order = sorted(range(64), key=lambda i: -len(ids[i]))
+        run = lambda cont: generate(net, endless, prompts, max_new_tokens=lengths, batch_size=16,
+                                    continuous=cont)  # noqa: E731
         runs = {"continuous": lambda: run(True), "static": lambda: run(False)}
         if hf is not None:
             batches = [order[i:i + 16] for i in range(0, 64, 16)]
-            runs["hf"] = lambda: [hf_generate(hf, tok, [ids[i] for i in b], max(lengths[i] for i in b)) for b in batches]
+            runs["hf"] = lambda: [hf_generate(hf, tok, [ids[i] for i in b],
+                                              max(lengths[i] for i in b)) for b in batches]
         r = best_of(runs, args.repeat)
         row(f"{name} continuous vs ours static", r["continuous"], r["static"], total)
         if "hf" in r:
             row(f"{name} continuous vs hf static", r["continuous"], r["hf"], total)
-        del net, hf
+        net = hf = None   # freed before the next models load
 
 
 def critique_prompts(n=64):
@@ -163,21 +179,25 @@ def critique_prompts(n=64):
     demos = [{"role": role, "content": text} for user, answer in templates["critique_demos"]
              for role, text in (("user", user), ("assistant", answer))]
     principles = json.loads((ROOT / "data" / "constitution.json").read_text())["principles"]
-    seed = [json.loads(x)["messages"] for x in (ROOT / "data" / "stage1_seed.jsonl").read_text().splitlines()[:n]]
+    lines = (ROOT / "data" / "stage1_seed.jsonl").read_text().splitlines()[:n]
+    seed = [json.loads(x)["messages"] for x in lines]
     return [demos + [{"role": "user", "content": f"{principles[i % len(principles)]['critique']}\nQuestion: "
-                                                 f"{m[0]['content']}\nResponse: {m[-1]['content']}"}] for i, m in enumerate(seed)]
+                                                 f"{m[0]['content']}\nResponse: {m[-1]['content']}"}]
+            for i, m in enumerate(seed)]
 
 
 def prefix(path, args, transformers):
     prompts = critique_prompts()
-    print("\n== prefix: 64 stage-6 critique prompts with the same few-shot demonstrations, batches of 16, prefill only")
+    print("\n== prefix: 64 stage-6 critique prompts with the same few-shot demonstrations, batches of 16, "
+          "prefill only")
     print(f"{'dtype, scheme':34s} {'tok/s':>9s} {'xRSS':>7s} {'other':>9s} {'xRSS':>7s} {'ratio':>8s}")
     for name in args.dtypes.split(","):
         net, tok, _, hf = load_pair(path, DTYPES[name], transformers)
         ids = [tok.encode_chat(p, add_generation_prompt=True)[0] for p in prompts]
         total = sum(map(len, ids))
         p = common_prefix(ids)
-        read = lambda share: choice_logprobs(net, tok, prompts, ["A", "B"], batch_size=16, share_prefix=share)  # noqa: E731
+        read = lambda share: choice_logprobs(net, tok, prompts, ["A", "B"], batch_size=16,
+                                             share_prefix=share)  # noqa: E731
         runs = {"shared": lambda: read(True), "unshared": lambda: read(False)}
         if hf is not None:
             def hf_prefill():
@@ -191,7 +211,7 @@ def prefix(path, args, transformers):
         row(f"{name} shared vs unshared", r["shared"], r["unshared"], total, note)
         if "hf" in r:
             row(f"{name} shared vs hf forward", r["shared"], r["hf"], total)
-        del net, hf
+        net = hf = None   # freed before the next models load
 
 
 def main():
@@ -199,7 +219,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2: this machine's cores)")
     ap.add_argument("--parts", default="decode,sampled,mixed,prefix",
                     help="which benchmarks (default decode,sampled,mixed,prefix)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per row (default 128)")
+    ap.add_argument("--new-tokens", type=int, default=128,
+                    help="decode: tokens generated per row (default 128)")
     ap.add_argument("--batches", default="1,16,64", help="decode: batch sizes (default 1,16,64)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="precisions (default fp32,bf16)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best of each run is kept (default 3)")
@@ -213,11 +234,13 @@ def main():
             import transformers
         except ImportError:
             print("transformers not installed: ours only")
-    path = M.default_base()
+    path = builtin.default_base()
     print(f"model {path}; threads {args.threads}; CPU native bf16: {M.cpu_has_bf16()}; "
-          f"fast_dtype: {str(M.fast_dtype()).removeprefix('torch.')}; weights {sum(p.numel() for p in M.load(path)[0].parameters()) * 4 / 2**30:.2f} GB in fp32")
+          f"fast_dtype: {str(M.fast_dtype()).removeprefix('torch.')}; weights "
+          f"{sum(p.numel() for p in M.load(path)[0].parameters()) * 4 / 2**30:.2f} GB in fp32")
     for part in args.parts.split(","):
-        {"decode": decode, "sampled": sampled, "mixed": mixed, "prefix": prefix}[part](path, args, transformers)
+        {"decode": decode, "sampled": sampled, "mixed": mixed,
+         "prefix": prefix}[part](path, args, transformers)
     print("\nxRSS: peak resident memory added by the run; ratio: first / second (x = times faster)")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    path = M.default_base()
+    path = builtin.default_base()
     print(f"default_base()      {time.perf_counter() - t:6.2f} s  ({path})")
     for dtype in (torch.float32, torch.bfloat16):
         t = time.perf_counter()

@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
 from generate import generate  # noqa: E402
 
 GROUPS = {  # aten op name fragments -> group; first match wins
     "matmul": ("addmm", "aten::mm", "bmm", "matmul", "linear", "baddbmm"),
     "attention": ("scaled_dot_product", "softmax", "flash_attention"),
-    "cache/index": ("index", "copy_", "scatter", "gather", "slice", "select", "narrow", "cat", "stack", "clone",
+    "cache/index": ("index", "copy_", "scatter", "gather", "slice", "select", "narrow", "cat", "stack",
+                    "clone",
                     "contiguous", "masked_fill", "where", "to_copy", "aten::to", "embedding", "empty"),
     "elementwise": ("mul", "add", "sub", "div", "rsqrt", "pow", "mean", "silu", "neg", "cos", "sin", "exp",
                     "cumsum", "clamp", "argmax", "arange", "ge", "le", "lt", "gt", "eq", "logical", "bitwise",
@@ -87,7 +89,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="timed repeats, best kept (default 3)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = M.default_base()
+    path = builtin.default_base()
     for name in args.dtypes.split(","):
         net, tok = M.load(path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
         endless = copy.copy(tok)

@@ -16,8 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import files  # noqa: E402
 import bootstrap as B  # noqa: E402
 import evaluate as E  # noqa: E402
+import floors  # noqa: E402
+from text import rouge_l  # noqa: E402
 import stages as S  # noqa: E402
 
 STAGE_FILES = ["data.jsonl", "rejected.jsonl", "train.jsonl", "eval.json", "samples.jsonl", "summary.json",
@@ -38,22 +41,25 @@ def test_smoke_layout_provenance_report(smoke_run):
         for f in STAGE_FILES:
             assert (d / f"stage{k}" / f).is_file(), f"stage{k}/{f} missing"
         allowed = {"human", "constructed", "parser"} | {f"stage{j}-model" for j in range(1, k)}
-        rows = B.read_jsonl(d / f"stage{k}" / "data.jsonl")
+        rows = files.read_jsonl(d / f"stage{k}" / "data.jsonl")
         assert rows, f"stage {k} has no training data"
         for r in rows:   # provenance: who wrote the answer, and (for generated rows) each field
             meta = r["meta"]
             assert meta["source"] in allowed or meta.get("replay_of")
-            if meta.get("stage") == k and k > 1 and "replay_of" not in meta:   # only earlier models write data
+            # only earlier models write data
+            if meta.get("stage") == k and k > 1 and "replay_of" not in meta:
                 assert set(meta["written_by"].values()) <= allowed, meta
-        for r in B.read_jsonl(d / f"stage{k}" / "rejected.jsonl"):
+        for r in files.read_jsonl(d / f"stage{k}" / "rejected.jsonl"):
             assert r["reason"] and set(r["meta"]["written_by"].values()) <= allowed
         ev = json.loads((d / f"stage{k}" / "eval.json").read_text())
         assert set(ev) >= {"metric", "value", "interval", "threshold", "passed", "n", "results", "attempts",
                            "minutes", "floor", "vs_base", "split"}
         assert set(ev["results"]) == {str(s) for s in B.eval_sets(k, smoke_run.preset)}
-        assert ev["split"] == "test" and 0 <= ev["vs_base"]["p"] <= 1 and ev["floor"]["responder"] in E.RESPONDERS
-    # the adapter of each stage names its own parent (DESIGN: chained adapters)
-    for k in range(2, 7):     # stage 6's DPO adapter sits on its supervised (SL-CAI) model, which sits on stage 5
+        assert ev["split"] == "test" and 0 <= ev["vs_base"]["p"] <= 1
+        assert ev["floor"]["responder"] in floors.RESPONDERS
+    # the adapter of each stage names its own parent (docs/stages.md: chained adapters)
+    # stage 6's DPO adapter sits on its supervised (SL-CAI) model, which sits on stage 5
+    for k in range(2, 7):
         cfg = json.loads((d / f"stage{k}" / "adapter" / "adapter_config.json").read_text())
         parent = d / "stage6" / "sl" / "model" if k == 6 else d / f"stage{k - 1}" / "model"
         assert Path(cfg["base_model_name_or_path"]) == parent.resolve()
@@ -64,7 +70,8 @@ def test_smoke_layout_provenance_report(smoke_run):
     for k in range(1, 7):     # a chart per stage: floor, base and the stage's model, with intervals
         svg = (d / f"chart-stage{k}.svg").read_text()
         assert svg.startswith("<svg") and svg.count("<rect") == 3 and f"({f'chart-stage{k}.svg'})" in report
-    assert json.loads((d / "stage0" / "eval.json").read_text())["results"].keys() == {str(s) for s in range(1, 7)}
+    assert json.loads((d / "stage0" / "eval.json").read_text())["results"].keys() == {str(s)
+                                                                                      for s in range(1, 7)}
     # stage 6 trained DPO: its log carries the DPO statistics
     assert "rewards/accuracy" in (d / "stage6" / "train.jsonl").read_text()
 
@@ -75,7 +82,8 @@ def test_second_run_skips_everything(smoke_run, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped") == 6
     after = tree_digest(smoke_run.dir)
-    assert {k: v for k, v in after.items() if k != "report.md"} == {k: v for k, v in before.items() if k != "report.md"}
+    assert {k: v for k, v in after.items() if k != "report.md"} == {k: v for k, v in before.items()
+                                                                    if k != "report.md"}
 
 
 def test_killed_in_stage3_resumes_with_earlier_stages_untouched(smoke_run, tmp_path):
@@ -84,7 +92,8 @@ def test_killed_in_stage3_resumes_with_earlier_stages_untouched(smoke_run, tmp_p
     for k in (3, 4, 5, 6):
         shutil.rmtree(run / f"stage{k}")
     before = {k: tree_digest(run / f"stage{k}") for k in (1, 2)}
-    cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run", "k",
+    cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run",
+           "k",
            "--stages", "1-3", "--no-gate"]
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
@@ -102,12 +111,12 @@ def test_killed_in_stage3_resumes_with_earlier_stages_untouched(smoke_run, tmp_p
 
 
 def test_planted_eval_prompt_stops_the_run(tmp_path):
-    seed = B.read_jsonl(ROOT / "data" / "stage1_seed.jsonl")[:10]
+    seed = files.read_jsonl(ROOT / "data" / "stage1_seed.jsonl")[:10]
     planted = E.load_eval_set(2)[17]["prompt"]
     seed.append({"messages": [{"role": "user", "content": planted}, {"role": "assistant", "content": "ok"}],
                  "meta": {"stage": 1, "source": "human", "kind": "answer_question"}})
     path = tmp_path / "seed.jsonl"
-    B.write_jsonl(path, seed)
+    files.write_jsonl(path, seed)
     preset = replace(B.PRESETS["smoke"], seed_data=str(path), seed_examples=0)
     with pytest.raises(SystemExit, match=r"share text with eval prompts.*line 11.*s2-018"):
         B.run_pipeline(preset, root=tmp_path, name="p", stages=[1])
@@ -121,9 +130,12 @@ def test_gate_above_reach_exits_nonzero(smoke_run, tmp_path):
     shutil.copytree(smoke_run.dir / "tiny-base", run / "tiny-base")
     (run / "stage1" / "eval.json").unlink()
     preset = replace(B.PRESETS["smoke"], thresholds={**B.PRESETS["smoke"].thresholds, 1: 1.01})
-    with pytest.raises(SystemExit, match=r"stage 1 failed its gate: instruction_following = 0\.\d+ \[.*\] < threshold 1\.01 \(short by"):
+    with pytest.raises(SystemExit,
+                       match=r"stage 1 failed its gate: instruction_following = 0\.\d+ \[.*\] < threshold "
+                             r"1\.01 \(short by"):
         B.run_pipeline(preset, root=tmp_path, name="g", stages=[1])
-    r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path),
+    r = subprocess.run([sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root",
+                        str(tmp_path),
                         "--run", "g", "--stages", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "failed its gate" in r.stderr   # the recorded failure stops a rerun too
 
@@ -141,25 +153,29 @@ def test_keeper_dedupes_and_enforces_novelty():
     k = S.Keeper()
     row = lambda q, a, kind="question": S.sft_row(q, a, 3, kind, "human", "stage2-model")  # noqa: E731
     k.add(row("Why is the sky blue?", "x"), novel_text="Why is the sky blue?")
-    k.add(row("why is the sky blue", "X"), novel_text="other")                    # same prompt and answer, other case
+    # same prompt and answer, other case
+    k.add(row("why is the sky blue", "X"), novel_text="other")
     k.add(row("Why is the sky so blue?", "z"), novel_text="Why is the sky so blue?")  # ROUGE-L 0.91 >= 0.7
     k.add(row("How do bees make honey?", "w"), novel_text="How do bees make honey?")
-    assert [r["messages"][0]["content"] for r in k.kept] == ["Why is the sky blue?", "How do bees make honey?"]
+    assert [r["messages"][0]["content"] for r in k.kept] == ["Why is the sky blue?",
+                                                             "How do bees make honey?"]
     assert [r["reason"][:10] for r in k.rejected] == ["duplicate", "not novel:"]
 
 
 def test_keeper_keeps_every_revision_round_of_a_prompt():
-    """Constitutional AI fine-tunes on the revisions of all rounds: a second round's revision of the same prompt
-    is a new pair, only the very same pair is a duplicate."""
+    """Constitutional AI fine-tunes on the revisions of all rounds: a second round's revision of the same
+    prompt is a new pair, only the very same pair is a duplicate."""
     k = S.Keeper()
-    pair = lambda chosen, rnd: {"prompt": [{"role": "user", "content": "How do I pick a lock?"}],  # noqa: E731
+    pair = lambda chosen, rnd: {"prompt": [{"role": "user",
+                                            "content": "How do I pick a lock?"}],  # noqa: E731
                                 "chosen": [{"role": "assistant", "content": chosen}],
                                 "rejected": [{"role": "assistant", "content": "Use a tension wrench."}],
                                 "meta": {"stage": 6, "kind": "harmful", "round": rnd}}
     k.add(pair("I can't help with that.", 1))
     k.add(pair("I won't help open a lock that isn't yours; a locksmith can help.", 2))
     k.add(pair("I can't help with that.", 2))
-    assert [r["meta"]["round"] for r in k.kept] == [1, 2] and [r["reason"] for r in k.rejected] == ["duplicate"]
+    assert [r["meta"]["round"] for r in k.kept] == [1, 2] and [r["reason"]
+                                                               for r in k.rejected] == ["duplicate"]
 
 
 def test_defect_makers_change_the_text():
@@ -168,6 +184,6 @@ def test_defect_makers_change_the_text():
     text = "Bees collect nectar from flowers and turn it into honey."
     assert S.misspell(text, rng) != text and len(S.misspell(text, rng).split()) == len(text.split())
     w = S.wordy(text, rng)
-    assert len(w.split()) > len(text.split()) and E.rouge_l(w, text) < 1
+    assert len(w.split()) > len(text.split()) and rouge_l(w, text) < 1
     t = S.truncate(text, rng)
     assert text.startswith(t) and len(t.split()) < len(text.split())

@@ -13,12 +13,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import files  # noqa: E402
+import builtin  # noqa: E402
 import generate as G  # noqa: E402
+import sampling  # noqa: E402
 import model as M  # noqa: E402
 from test_model import make_hf, transformers  # noqa: E402,F401  (transformers: skips this file without it)
 
 PROMPTS = ["What is the capital of France?", "Name three colours.",
-           [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is ice cold?"}]]
+           [{"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Is ice cold?"}]]
 
 
 def greedy_no_cache(net, ids, n, stop_ids):
@@ -55,14 +59,16 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def default():
-    net, tok = M.load(M.default_base())
+    net, tok = M.load(builtin.default_base())
     return net, tok
 
 
 # ----------------------------------------------------------------------------- cache, batching, transformers
 
+
 def test_choice_logprobs_equal_the_unpadded_next_token_distribution(tiny):
-    """The judge's A/B reading: in a left-padded batch, each prompt's option log-probs equal a plain forward pass."""
+    """The judge's A/B reading: in a left-padded batch, each prompt's option log-probs equal a plain forward
+    pass."""
     _, net, tok = tiny
     prompts = PROMPTS + ["x"]
     got = G.choice_logprobs(net, tok, prompts, ["A", "B"], batch_size=3)
@@ -97,7 +103,8 @@ def test_default_greedy_with_cache_equals_greedy_without(default):
     net, tok = default
     ids = chat_ids(tok, PROMPTS)
     for i in ids:
-        assert G.generate_batch(net, tok, [i], max_new_tokens=12)[0][0] == greedy_no_cache(net, i, 12, tok.stop_ids)
+        want = greedy_no_cache(net, i, 12, tok.stop_ids)
+        assert G.generate_batch(net, tok, [i], max_new_tokens=12)[0][0] == want
 
 
 def test_default_batch_equals_each_prompt_alone(default):
@@ -109,14 +116,16 @@ def test_default_batch_equals_each_prompt_alone(default):
 
 def test_default_greedy_equals_transformers(default):
     net, tok = default
-    prompts = ["What is the capital of France?", "Write a haiku about rain.", "How many legs does a spider have?",
+    prompts = ["What is the capital of France?", "Write a haiku about rain.",
+               "How many legs does a spider have?",
                "Give me a tip for sleeping well.", "Translate 'good morning' into Spanish."]
     ids = chat_ids(tok, prompts)
     ours, texts = G.generate_batch(net, tok, ids, max_new_tokens=24)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(M.default_base(), dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(builtin.default_base(), dtype=torch.float32).eval()
     for i, o in zip(ids, ours):
         with torch.no_grad():
-            seq = hf.generate(torch.tensor([i]), do_sample=False, max_new_tokens=24, eos_token_id=tok.stop_ids,
+            seq = hf.generate(torch.tensor([i]), do_sample=False, max_new_tokens=24,
+                              eos_token_id=tok.stop_ids,
                               pad_token_id=tok.pad_id)[0, len(i):].tolist()
         assert o == [t for t in seq if t not in tok.stop_ids]
     assert "Paris" in texts[0]
@@ -155,7 +164,8 @@ def test_continuous_batching_equals_each_prompt_alone_and_refills_rows(tiny):
     ids = chat_ids(tok, prompts)
     tok2 = ending_tokenizer(tok, G.generate_batch(net, tok, ids, max_new_tokens=30)[0])
     alone = [G.generate_batch(net, tok2, [i], max_new_tokens=30)[0][0] for i in ids]
-    assert len({len(a) for a in alone}) >= 4 and min(map(len, alone)) < 30  # rows really end at different steps
+    # rows really end at different steps
+    assert len({len(a) for a in alone}) >= 4 and min(map(len, alone)) < 30
     sizes = []
     real = net.forward
     net.forward = lambda tokens, *a, **kw: sizes.append(tokens.shape) or real(tokens, *a, **kw)
@@ -182,10 +192,12 @@ def test_shared_prefix_is_computed_once_and_changes_no_token(tiny):
     for share in (False, True):
         count = fed_tokens(net)
         try:
-            counts[share] = (G.generate(net, tok, prompts, max_new_tokens=12, batch_size=2, share_prefix=share), count[0])
+            counts[share] = (G.generate(net, tok, prompts, max_new_tokens=12, batch_size=2,
+                                        share_prefix=share), count[0])
         finally:
             del net.forward
-    assert counts[True][0] == counts[False][0] == [G.generate(net, tok, [q], max_new_tokens=12)[0] for q in prompts]
+    assert counts[True][0] == counts[False][0] == [G.generate(net, tok, [q], max_new_tokens=12)[0]
+                                                   for q in prompts]
     assert counts[False][1] - counts[True][1] >= 3 * p - 3  # the prefix was fed once instead of 4 times
     assert G.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2 and G.common_prefix([[5, 1], [4, 1]]) == 0
     assert G.common_prefix([[1, 2, 3]]) == 0  # a single prompt has nothing to share
@@ -209,7 +221,8 @@ def test_prompts_longer_than_the_context_are_cut_from_the_left_and_new_tokens_ca
     ids = chat_ids(tok, [long])[0]
     with pytest.warns(UserWarning, match="1 prompt.*context of 256.*cut off"):
         out, _ = G.generate_batch(net, tok, [ids], max_new_tokens=10)
-    assert out[0] == G.generate_batch(net, tok, [ids[-(ctx - 1):]], max_new_tokens=1)[0][0]  # room for one token
+    # room for one token
+    assert out[0] == G.generate_batch(net, tok, [ids[-(ctx - 1):]], max_new_tokens=1)[0][0]
     near = ids[-(ctx - 4):]
     out, _ = G.generate_batch(net, tok, [near], max_new_tokens=10)
     assert 0 < len(out[0]) <= 4 and out[0] == greedy_no_cache(net, near, 4, tok.stop_ids)
@@ -237,15 +250,15 @@ def kept(logits):
 def test_top_p_keeps_tokens_whose_mass_above_is_below_p():
     logits = PROBS.log()
     # mass above each token: 0, 0.5, 0.5+0.2=0.7, 0.85, 0.95
-    assert kept(G.top_p_filter(logits, 0.75)) == {0, 1, 2}  # 0.7 < 0.75 keeps the third
-    assert kept(G.top_p_filter(logits, 0.6)) == {0, 1}      # 0.7 >= 0.6 drops it
-    assert kept(G.top_p_filter(logits, 0.3)) == {0}         # 0.5 >= 0.3: the top token alone
-    assert kept(G.top_p_filter(logits, 0.0)) == {0}         # never empty
-    assert kept(G.top_p_filter(logits, 1.0)) == {0, 1, 2, 3, 4}
+    assert kept(sampling.top_p_filter(logits, 0.75)) == {0, 1, 2}  # 0.7 < 0.75 keeps the third
+    assert kept(sampling.top_p_filter(logits, 0.6)) == {0, 1}      # 0.7 >= 0.6 drops it
+    assert kept(sampling.top_p_filter(logits, 0.3)) == {0}         # 0.5 >= 0.3: the top token alone
+    assert kept(sampling.top_p_filter(logits, 0.0)) == {0}         # never empty
+    assert kept(sampling.top_p_filter(logits, 1.0)) == {0, 1, 2, 3, 4}
     perm = torch.tensor([3, 0, 4, 2, 1])                    # same distribution, shuffled vocabulary
-    assert kept(G.top_p_filter(logits[:, perm], 0.75)) == {1, 4, 3}
+    assert kept(sampling.top_p_filter(logits[:, perm], 0.75)) == {1, 4, 3}
     # survivors keep their logits: renormalised they are 0.5/0.85, 0.2/0.85, 0.15/0.85
-    p = G.top_p_filter(logits, 0.75).softmax(-1)[0]
+    p = sampling.top_p_filter(logits, 0.75).softmax(-1)[0]
     assert torch.allclose(p[:3], torch.tensor([0.5, 0.2, 0.15]) / 0.85)
 
 
@@ -255,48 +268,42 @@ def test_top_p_among_candidates_equals_the_full_sort_and_falls_back_when_they_ho
     flat = torch.randn(6, 5000) * 0.1           # they do not: the whole vocabulary is sorted
     for logits in (peaked, flat, torch.cat([peaked[:3], flat[:3]])):  # and a batch of both kinds
         for p in (0.3, 0.9, 0.95):
-            fast = G.top_p_filter(logits, p)
-            full = G.top_p_filter(logits, p, candidates=logits.shape[-1])
-            assert torch.equal(torch.isfinite(fast), torch.isfinite(full)) and torch.equal(fast[torch.isfinite(fast)],
-                                                                                         logits[torch.isfinite(fast)])
-    assert torch.isfinite(G.top_p_filter(flat, 0.95)).sum() > 6 * 256  # the fallback kept more than the candidates
+            fast = sampling.top_p_filter(logits, p)
+            full = sampling.top_p_filter(logits, p, candidates=logits.shape[-1])
+            finite = torch.isfinite(fast)
+            assert torch.equal(finite, torch.isfinite(full)) and torch.equal(fast[finite], logits[finite])
+    # the fallback kept more than the candidates
+    assert torch.isfinite(sampling.top_p_filter(flat, 0.95)).sum() > 6 * 256
 
 
 def test_draw_follows_the_distribution_and_never_picks_a_zero():
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).repeat(20000, 1)
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(G.draw(probs, g), minlength=5) / 20000
+    counts = torch.bincount(sampling.draw(probs, g), minlength=5) / 20000
     assert counts[1] == counts[4] == 0 and (counts - probs[0]).abs().max() < 0.015
-    assert torch.equal(G.draw(probs[:50], torch.Generator().manual_seed(3)), G.draw(probs[:50], torch.Generator().manual_seed(3)))
+    assert torch.equal(sampling.draw(probs[:50], torch.Generator().manual_seed(3)),
+                       sampling.draw(probs[:50], torch.Generator().manual_seed(3)))
 
 
 def test_top_k_and_temperature():
     logits = PROBS.log()
-    assert kept(G.top_k_filter(logits, 2)) == {0, 1}
-    assert kept(G.top_k_filter(logits, None)) == {0, 1, 2, 3, 4}
-    assert torch.equal(G.apply_temperature(torch.tensor([[2.0, -1.0]]), 0.5), torch.tensor([[4.0, -2.0]]))
-
-
-def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
-    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
-    seen = torch.tensor([[True, True, False, False]])
-    # seen: 2.0 / 2 = 1.0, -1.0 * 2 = -2.0; unseen unchanged
-    assert torch.equal(G.apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, -3.0]]))
-    assert torch.equal(G.apply_repetition_penalty(logits, seen, None), logits)
+    assert kept(sampling.top_k_filter(logits, 2)) == {0, 1}
+    assert kept(sampling.top_k_filter(logits, None)) == {0, 1, 2, 3, 4}
 
 
 def test_sample_next_is_greedy_at_temperature_zero_and_respects_filters():
     logits = PROBS.log().repeat(200, 1)
-    assert G.sample_next(logits, 0.0).eq(0).all()
+    assert sampling.sample_next(logits, 0.0).eq(0).all()
     g = torch.Generator().manual_seed(0)
-    draws = G.sample_next(logits, 1.0, top_p=0.6, generator=g)
+    draws = sampling.sample_next(logits, 1.0, top_p=0.6, generator=g)
     assert set(draws.tolist()) == {0, 1}  # only the nucleus is ever drawn, and both of it
 
 
 # ----------------------------------------------------------------------------- scripted models
 
 class Identity(torch.nn.Module):
-    """The scripted model's head: its hidden states already are logits (generate reads the device from weight)."""
+    """The scripted model's head: its hidden states already are logits (generate reads the device from
+    weight)."""
 
     def __init__(self):
         super().__init__()
@@ -324,6 +331,9 @@ class Scripted(torch.nn.Module):
     def copy_cache_rows(self, src, dst, n):
         pass
 
+    def keep_cache_rows(self, order, lens):
+        pass
+
     def forward(self, tokens, start=None, rows=None, last_only=False, hidden=False):
         self.batch_sizes.append(tokens.shape[0])
         if last_only:
@@ -335,16 +345,6 @@ def one_hot(i, vocab=259):
     x = torch.zeros(vocab)
     x[i % vocab] = 10.0  # the scripted prefill computes every position, even those whose logits go unused
     return x
-
-
-def test_repetition_penalty_in_generation_counts_prompt_and_generated_tokens(tiny):
-    _, _, tok = tiny
-    base = torch.zeros(259)
-    base[5], base[6] = 3.0, 2.0
-    net = Scripted(lambda _: base.clone())
-    assert G.generate_batch(net, tok, [[9]], 3)[0][0] == [5, 5, 5]
-    # 5 is in the prompt: 3/10 < 2 gives 6; then 6 is seen too: 0.3 > 0.2 > 0 gives 5, and 5 again
-    assert G.generate_batch(net, tok, [[5, 9]], 3, repetition_penalty=10.0)[0][0] == [6, 5, 5]
 
 
 def test_stop_string_is_cut_and_never_streamed(tiny):
@@ -378,13 +378,15 @@ def test_finished_rows_leave_the_batch_and_each_row_stops_on_its_own(tiny):
     net = Scripted(lambda t: one_hot(stop if t == 50 else (t + 1) % 259))  # a row reaching token 50 ends
     out, _ = G.generate_batch(net, tok, [[48], [10], [47], [11]], max_new_tokens=8)
     assert out == [[49, 50], list(range(11, 19)), [48, 49, 50], list(range(12, 20))]
-    # 8 tokens: prefill + 7 steps. Row 0 ends at the 3rd token, row 2 at the 4th: each leaves the batch at once
+    # 8 tokens: prefill + 7 steps. Row 0 ends at the 3rd token, row 2 at the 4th: each leaves the batch at
+    # once
     assert net.batch_sizes == [4, 4, 4, 3, 2, 2, 2, 2]
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(tiny):
     _, net, tok = tiny
-    run = lambda seed: G.generate(net, tok, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=50,  # noqa: E731
+    run = lambda seed: G.generate(net, tok, PROMPTS, max_new_tokens=16, temperature=1.0,
+                                  top_k=50,  # noqa: E731
                                   top_p=0.95, seed=seed)
     assert run(0) == run(0)
     assert run(0) != run(1)
@@ -429,12 +431,14 @@ def test_bf16_under_no_grad_and_training_works_afterwards(tiny):
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def test_cli_jsonl_round_trip_in_order(tiny, tmp_path):
     path, net, tok = tiny
     lines = [{"prompt": "Name three colours.", "id": 1}, {"messages": [{"role": "user", "content": "hi"}]},
              {"prompt": "What is the capital of France? Answer at length."}]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    G.main(["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+    G.main(["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output",
+            str(tmp_path / "out.jsonl"),
             "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "fp32"])
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     want = G.generate(net, tok, [x.get("prompt") or x.get("messages") for x in lines], max_new_tokens=6)
@@ -455,19 +459,24 @@ def test_cli_bad_line_names_file_and_line_and_generates_nothing(tiny, tmp_path):
 
 def test_cli_stdin_stdout_prompt_and_chat(tiny, monkeypatch, capsys):
     path, net, tok = tiny
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"prompt": "hi"}) + "\n"))
-    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system", "Be brief.",
+    monkeypatch.setattr(sys, "stdin",
+                        io.TextIOWrapper(io.BytesIO(json.dumps({"prompt": "hi"}).encode() + b"\n")))
+    G.main(["--model", str(path), "--input", "-", "--output", "-", "--max-new-tokens", "5", "--system",
+            "Be brief.",
             "--dtype", "fp32"])
-    want = G.generate(net, tok, [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]],
+    want = G.generate(net, tok,
+                      [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]],
                       max_new_tokens=5)[0]
     assert json.loads(capsys.readouterr().out) == {"prompt": "hi", "response": want}
 
-    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief.", "--dtype", "fp32"])
+    G.main(["--model", str(path), "--prompt", "hi", "--max-new-tokens", "5", "--system", "Be brief.",
+            "--dtype", "fp32"])
     assert capsys.readouterr().out == want + "\n"
 
     seen = []
     real = G.generate
-    monkeypatch.setattr(G, "generate", lambda m, t, p, **kw: seen.append(json.loads(json.dumps(p))) or real(m, t, p, **kw))
+    monkeypatch.setattr(G, "generate", lambda m, t, p,
+                        **kw: seen.append(json.loads(json.dumps(p))) or real(m, t, p, **kw))
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n"))  # EOF after two turns
     G.main(["--model", str(path), "--chat", "--max-new-tokens", "5", "--dtype", "fp32"])
     first = real(net, tok, ["hi"], max_new_tokens=5)[0]
@@ -490,17 +499,21 @@ def test_cli_help_explains_every_flag(capsys):
         G.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--prompt", "--input", "--output", "--chat", "--system", "--temperature", "--top-k",
-                 "--top-p", "--repetition-penalty", "--seed", "--stop", "--max-new-tokens", "--batch-size",
+    for flag in ("--model", "--prompt", "--input", "--output", "--chat", "--system", "--temperature",
+                 "--top-k",
+                 "--top-p", "--seed", "--stop", "--max-new-tokens", "--batch-size",
                  "--device", "--dtype", "--compile"):
         assert flag in text
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"), (["--batch-size", "-1"], "--batch-size: must be >= 1"),
-    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"), (["--temperature", "-0.5"], "--temperature: must be >= 0"),
-    (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"), (["--top-p", "1.5"], r"--top-p: must be in \(0, 1\]"),
-    (["--top-k", "0"], "--top-k: must be >= 1"), (["--repetition-penalty", "0"], "--repetition-penalty: must be > 0"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size: must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--temperature", "-0.5"], "--temperature: must be >= 0"),
+    (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"--top-p: must be in \(0, 1\]"),
+    (["--top-k", "0"], "--top-k: must be >= 1"),
     (["--batch-size", "two"], "--batch-size: 'two' is not an integer")])
 def test_cli_refuses_bad_numbers_with_one_line_and_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -525,10 +538,11 @@ def test_cli_refuses_cuda_without_cuda_and_output_equal_to_input(tmp_path, capsy
 
 def test_cli_output_is_replaced_whole_and_survives_a_crash(tiny, tmp_path, monkeypatch):
     path, _, _ = tiny
-    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "yo"}) + "\n")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hi", "yo")))
     out = tmp_path / "out.jsonl"
     out.write_text("earlier results\n")
-    argv = ["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-new-tokens", "3"]
+    argv = ["--model", str(path), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--max-new-tokens", "3"]
     real = G.generate
 
     def crash(*a, **kw):
@@ -542,7 +556,7 @@ def test_cli_output_is_replaced_whole_and_survives_a_crash(tiny, tmp_path, monke
 
     def replace_fails(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(M.os, "replace", replace_fails)  # a crash after the answers are written out
+    monkeypatch.setattr(files.os, "replace", replace_fails)  # a crash after the answers are written out
     with pytest.raises(OSError, match="disk full"):
         G.main(argv)
     assert out.read_text() == "earlier results\n"

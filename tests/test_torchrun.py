@@ -16,7 +16,8 @@ import bootstrap as B  # noqa: E402
 
 
 def test_shares_gathered_come_back_in_the_order_of_the_whole_list():
-    assert B.my_share(list("abcde"), 0, 2) == ["a", "c", "e"] and B.my_share(list("abcde"), 1, 2) == ["b", "d"]
+    assert B.my_share(list("abcde"), 0, 2) == ["a", "c", "e"]
+    assert B.my_share(list("abcde"), 1, 2) == ["b", "d"]
     assert B.in_order([["a", "c", "e"], ["b", "d"]]) == list("abcde")
     for n in range(9):                       # uneven lengths, empty shares (n < world) included
         items = [f"p{i}" for i in range(n)]
@@ -31,8 +32,8 @@ def torchrun(tmp_path, name, *args):
     # --standalone: a free port, so that other torchrun jobs on the machine do not collide with this one;
     # "--": torchrun's parser would take bootstrap's --run for an abbreviation of its own --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
-           str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run", name, "--device", "cpu",
-           "--no-gate", *args]
+           str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run", name,
+           "--device", "cpu", "--no-gate", *args]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
@@ -61,9 +62,10 @@ def test_two_processes_make_the_data_of_one_train_with_ddp_and_resume(smoke_run,
     steps_one = json.loads((one / "stage2/summary.json").read_text())["steps"]
     steps_two = json.loads((run / "stage2/summary.json").read_text())["steps"]
     assert steps_two == math.ceil(steps_one / 2) and steps_one > 1
-    # resumed after losing stage 3's eval.json: its data and training are reused, its evaluation answers the same
+    # resumed after losing stage 3's eval.json: data and training reused, the evaluation answers the same
     ev = json.loads((run / "stage3/eval.json").read_text())
-    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in ("eval.json", "report.md")}
+    skip = ("eval.json", "report.md")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in skip}
     (run / "stage3/eval.json").unlink()
     r, _ = torchrun(tmp_path, "two", "--stages", "2-3")
     assert "stage 2: done before" in r.stdout and "stage 3: done before" not in r.stdout

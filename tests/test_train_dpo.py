@@ -14,7 +14,7 @@ from test_train_sft import log, tiny_base, write_jsonl  # noqa: E402
 
 import model as M  # noqa: E402
 import train_dpo as D  # noqa: E402
-import train_sft as S  # noqa: E402
+import train  # noqa: E402
 
 
 def pairs(n=20):
@@ -22,8 +22,11 @@ def pairs(n=20):
 
 
 def cfg_for(tmp_path, base, **kw):
-    d = dict(base=str(base), out=str(tmp_path / "out"), epochs=2, lr=1e-3, lora_r=8, lora_alpha=16, batch_size=2,
-             max_len=64, precision="fp32", device="cpu", warmup=0, eval_frac=0.0, save_every=1000)
+    d = dict(base=str(base), out=str(tmp_path / "out"), epochs=2, lr=1e-3, lora_r=8, lora_alpha=16,
+             batch_size=2, max_len=64, precision="fp32", device="cpu", warmup=0, eval_frac=0.0,
+             save_every=1000)
+
+
     return D.DPOConfig(**{**d, **kw})
 
 
@@ -48,8 +51,10 @@ def test_dpo_loss_equals_the_formula_by_hand():
 
 def test_response_mask_covers_the_answer_and_its_end_of_turn_only(base):
     _, tok = M.load(base)
-    ex = D.dpo_example(tok, 100)({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                                             {"role": "user", "content": "and?"}], "chosen": "good", "rejected": "bad"})
+    ex = D.dpo_example(tok, 100)({"prompt": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"},
+                                             {"role": "user", "content": "and?"}], "chosen": "good",
+                                  "rejected": "bad"})
     for k, want in (("chosen", "good"), ("rejected", "bad")):
         e = ex[k]
         targets = [t for t, m in zip(e["ids"], e["mask"]) if m]  # the earlier "yo" turn is prompt, not target
@@ -77,9 +82,10 @@ def test_twenty_pairs_reach_full_accuracy_growing_margin_and_greedy_moves_to_cho
     tuned, _ = M.load(Path(cfg.out) / "model")
     batch = D.collate_pairs([D.dpo_example(tok, 64)(r) for r in rows], tok.pad_id)
     with torch.no_grad():
-        before, after = (S.policy_logprobs(m, batch) for m in (parent, tuned))
+        before, after = (train.policy_logprobs(m, batch) for m in (parent, tuned))
     n = len(rows)
-    assert ((after[:n] - after[n:]) > (before[:n] - before[n:])).all()  # chosen gained on rejected, every pair
+    # chosen gained on rejected, every pair
+    assert ((after[:n] - after[n:]) > (before[:n] - before[n:])).all()
     ids, _ = tok.encode_chat([{"role": "user", "content": "colour 3?"}], add_generation_prompt=True)
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -92,19 +98,20 @@ def test_resume_is_exact(tmp_path, base, monkeypatch):
     rows = pairs(8)
     full = D.train(cfg_for(tmp_path, base, out=str(tmp_path / "full"), epochs=3, save_every=3), rows)
     cfg = cfg_for(tmp_path, base, out=str(tmp_path / "killed"), epochs=3, save_every=3)
-    real = S.save_checkpoint
+    real = train.save_checkpoint
 
     def save_then_die(path, model, opt, scaler, state):
         real(path, model, opt, scaler, state)
         if state["step"] == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(S, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         D.train(cfg, rows)
-    monkeypatch.setattr(S, "save_checkpoint", real)
+    monkeypatch.setattr(train, "save_checkpoint", real)
     resumed = D.train(cfg, rows)
-    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("full", "killed"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors"))
+            for d in ("full", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed["train_loss"] == full["train_loss"]
 
 
@@ -127,7 +134,8 @@ def test_bad_pairs_error_with_file_and_line_or_are_counted_when_asked(tmp_path, 
         with pytest.raises(ValueError, match=f"d.jsonl:3: .*{what}"):
             D.train(cfg_for(tmp_path, base, data=str(p)))
     rows = pairs(4) + list(bad.values())
-    s = D.train(cfg_for(tmp_path, base, data=write_jsonl(tmp_path / "m.jsonl", rows), skip_bad=True, max_steps=1))
+    s = D.train(cfg_for(tmp_path, base, data=write_jsonl(tmp_path / "m.jsonl", rows), skip_bad=True,
+                        max_steps=1))
     assert s["dropped"]["bad"] == 3
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty"):
@@ -135,6 +143,6 @@ def test_bad_pairs_error_with_file_and_line_or_are_counted_when_asked(tmp_path, 
 
 
 def test_cli_has_the_dpo_flags_with_help():
-    cfg = S.parse_config(D.DPOConfig, ["--data", "x", "--out", "y", "--beta", "0.3", "--loss-type", "ipo",
+    cfg = train.parse_config(D.DPOConfig, ["--data", "x", "--out", "y", "--beta", "0.3", "--loss-type", "ipo",
                                        "--precompute-ref"])
     assert cfg.beta == 0.3 and cfg.loss_type == "ipo" and cfg.precompute_ref and cfg.lr == D.DPOConfig.lr

@@ -12,9 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import files
 import model as M
 import train_dpo as D
-import train_sft as S
+import train
+import train_sft as sft
 from test_train_sft import cfg_for, log, qa_rows, tiny_base, write_jsonl
 
 
@@ -25,7 +27,8 @@ def base(tmp_path_factory):
 
 def adapter(out):
     path = Path(out) / "adapter" / "adapter_model.safetensors"
-    return load_file(str(path if path.exists() else Path(out) / "adapter_model.safetensors"))   # (or the old layout)
+    # (or the old layout)
+    return load_file(str(path if path.exists() else Path(out) / "adapter_model.safetensors"))
 
 
 def same(a, b):
@@ -45,48 +48,49 @@ def test_other_data_in_a_finished_output_folder_is_refused_not_reused(tmp_path, 
     out = tmp_path / "o"
     flags = ["--base", str(base), "--out", str(out), "--max-steps", "2", "--lr", "1e-2", "--lora-r", "4",
              "--precision", "fp32", "--device", "cpu", "--eval-frac", "0"]
-    S.main(flags + ["--data", a])
+    sft.main(flags + ["--data", a])
     first = adapter(out)
     with pytest.raises(SystemExit) as e:
-        S.main(flags + ["--data", b])
+        sft.main(flags + ["--data", b])
     assert e.value.code != 0 and "data sha256" in str(e.value) and "--overwrite" in str(e.value)
     assert same(adapter(out), first)
-    S.main(flags + ["--data", b, "--overwrite"])   # starts over: b's adapter, as in a fresh folder
-    S.main([*flags[:2], *flags[4:], "--out", str(tmp_path / "fresh"), "--data", b])
+    sft.main(flags + ["--data", b, "--overwrite"])   # starts over: b's adapter, as in a fresh folder
+    sft.main([*flags[:2], *flags[4:], "--out", str(tmp_path / "fresh"), "--data", b])
     assert same(adapter(out), adapter(tmp_path / "fresh")) and not same(adapter(out), first)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["fingerprint"]["data_sha256"] == M._sha256(b)
+    assert summary["fingerprint"]["data_sha256"] == files.sha256_file(b)
     capsys.readouterr()
 
 
 def test_other_settings_or_base_are_refused_and_rows_count_as_data(tmp_path, base):
     cfg = cfg_for(tmp_path, base, max_steps=2)
-    S.train(cfg, qa_rows(8))
+    sft.train(cfg, qa_rows(8))
     with pytest.raises(ValueError, match=r"lr 0.003 \(now 0.001\)"):
-        S.train(cfg_for(tmp_path, base, max_steps=2, lr=1e-3), qa_rows(8))
+        sft.train(cfg_for(tmp_path, base, max_steps=2, lr=1e-3), qa_rows(8))
     with pytest.raises(ValueError, match="data sha256"):   # rows given in memory are fingerprinted too
-        S.train(cfg, qa_rows(9))
+        sft.train(cfg, qa_rows(9))
     other = tiny_base(tmp_path / "base2", seed=1)
     with pytest.raises(ValueError, match="base weights sha256"):
-        S.train(cfg_for(tmp_path, other, max_steps=2), qa_rows(8))
-    assert S.train(cfg, qa_rows(8))["steps"] == 2   # the same training is still reused
+        sft.train(cfg_for(tmp_path, other, max_steps=2), qa_rows(8))
+    assert sft.train(cfg, qa_rows(8))["steps"] == 2   # the same training is still reused
 
 
 def test_a_checkpoint_of_another_training_is_not_resumed(tmp_path, base, monkeypatch):
-    # a bootstrap retry trains longer into the same folder: its checkpoint must not be resumed as a shorter run
+    # a bootstrap retry trains longer into the same folder: its checkpoint must not be resumed as a shorter
+    # run
     rows = qa_rows(12)
-    real = S.save_checkpoint
+    real = train.save_checkpoint
 
     def die_at_4(path, model, opt, scaler, state):
         real(path, model, opt, scaler, state)
         if state["step"] == 4:
             raise KeyboardInterrupt
-    monkeypatch.setattr(S, "save_checkpoint", die_at_4)
+    monkeypatch.setattr(train, "save_checkpoint", die_at_4)
     with pytest.raises(KeyboardInterrupt):
-        S.train(cfg_for(tmp_path, base, epochs=6, batch_size=3, save_every=2), rows)
-    monkeypatch.setattr(S, "save_checkpoint", real)
+        sft.train(cfg_for(tmp_path, base, epochs=6, batch_size=3, save_every=2), rows)
+    monkeypatch.setattr(train, "save_checkpoint", real)
     with pytest.raises(ValueError, match=r"checkpoint comes from another training: epochs 6 \(now 2\)"):
-        S.train(cfg_for(tmp_path, base, epochs=2, batch_size=3, save_every=2), rows)
+        sft.train(cfg_for(tmp_path, base, epochs=2, batch_size=3, save_every=2), rows)
     assert not (tmp_path / "out" / "adapter").exists()
 
 
@@ -95,11 +99,11 @@ def test_an_output_folder_of_the_older_layout_or_foreign_files_is_refused(tmp_pa
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"steps": 3, "config": {}}))   # an older version's summary
     with pytest.raises(ValueError, match="no fingerprint"):
-        S.train(cfg_for(tmp_path, base, max_steps=1), qa_rows(4))
+        sft.train(cfg_for(tmp_path, base, max_steps=1), qa_rows(4))
     (out / "summary.json").unlink()
     (out / "model").mkdir()   # someone else's model folder: never replaced silently
     with pytest.raises(ValueError, match="already holds model"):
-        S.train(cfg_for(tmp_path, base, max_steps=1), qa_rows(4))
+        sft.train(cfg_for(tmp_path, base, max_steps=1), qa_rows(4))
 
 
 def test_dpo_output_folder_is_fingerprinted_too(tmp_path, base):
@@ -111,7 +115,8 @@ def test_dpo_output_folder_is_fingerprinted_too(tmp_path, base):
         D.train(D.DPOConfig(**{**cfg.__dict__, "beta": 0.2}), pairs)
 
 
-# ----------------------------------------------------------------------------- weights checked after every update
+# ------------------------------------------------------------------------- weights checked after every update
+
 
 def poison_update_at(monkeypatch, step):
     """Make the optimizer's `step`-th update write a NaN into the adapter (as --lr inf did)."""
@@ -138,7 +143,7 @@ def test_non_finite_weights_stop_the_run_and_the_last_finite_checkpoint_is_kept(
     cfg = cfg_for(tmp_path, base, save_every=1, max_steps=6)
     with pytest.raises(RuntimeError, match=r"step 3: the update made the adapter weights NaN or Inf.*"
                                                 r"all finite is kept: .*state.safetensors \(step 2\)"):
-        S.train(cfg, qa_rows(8))
+        sft.train(cfg, qa_rows(8))
     ckpt = Path(cfg.out) / "checkpoint" / "state.safetensors"
     with safe_open(str(ckpt), "pt") as f:
         assert json.loads(f.metadata()["state"])["step"] == 2
@@ -150,7 +155,7 @@ def test_a_non_finite_first_update_publishes_nothing(tmp_path, base, monkeypatch
     poison_update_at(monkeypatch, 1)   # --max-steps 1 used to publish a NaN model and exit 0
     cfg = cfg_for(tmp_path, base, max_steps=1)
     with pytest.raises(RuntimeError, match="no checkpoint was written"):
-        S.train(cfg, qa_rows(8))
+        sft.train(cfg, qa_rows(8))
     assert published(cfg.out) == [] and not (Path(cfg.out) / "checkpoint").exists()
 
 
@@ -159,9 +164,9 @@ def test_a_collapse_to_a_uniform_guess_stops_the_run(tmp_path, base):
     cfg = cfg_for(tmp_path, base, lr=1e9, warmup=0, max_steps=10, save_every=1)
     with pytest.raises(RuntimeError, match=r"collapsed: the loss has sat at ln\(vocab\) = 5.557.*\(step 1\), "
                                                 r"but the update of step 1 had already collapsed it"):
-        S.train(cfg, qa_rows(8))
+        sft.train(cfg, qa_rows(8))
     steps = [r["step"] for r in log(cfg)]
-    assert steps == list(range(1, S.COLLAPSE_STEPS + 2))   # stopped after COLLAPSE_STEPS dead steps
+    assert steps == list(range(1, train.COLLAPSE_STEPS + 2))   # stopped after COLLAPSE_STEPS dead steps
     assert published(cfg.out) == []
     with safe_open(str(Path(cfg.out) / "checkpoint" / "state.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["state"])["step"] == 1   # the dead steps were not checkpointed
@@ -181,21 +186,21 @@ def test_the_collapse_of_a_dpo_policy_is_caught_too(tmp_path, base):
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, base, monkeypatch):
     rows = qa_rows(10)
     kw = dict(epochs=3, batch_size=3, save_every=2)
-    full = S.train(cfg_for(tmp_path, base, out=str(tmp_path / "full"), **kw), rows)
+    full = sft.train(cfg_for(tmp_path, base, out=str(tmp_path / "full"), **kw), rows)
     cfg = cfg_for(tmp_path, base, out=str(tmp_path / "killed"), **kw)
-    real = S.save_checkpoint
+    real = train.save_checkpoint
 
     def die_at_4(path, model, opt, scaler, state):
         real(path, model, opt, scaler, state)
         if state["step"] == 4:
             raise KeyboardInterrupt
-    monkeypatch.setattr(S, "save_checkpoint", die_at_4)
+    monkeypatch.setattr(train, "save_checkpoint", die_at_4)
     with pytest.raises(KeyboardInterrupt):
-        S.train(cfg, rows)
-    monkeypatch.setattr(S, "save_checkpoint", real)
+        sft.train(cfg, rows)
+    monkeypatch.setattr(train, "save_checkpoint", real)
     with open(Path(cfg.out) / "train.jsonl", "a") as f:
         f.write('{"step": 5, "epoch": 1, "lo')   # killed in the middle of a log write
-    resumed = S.train(cfg, rows)
+    resumed = sft.train(cfg, rows)
     assert [r["step"] for r in log(cfg)] == list(range(1, full["steps"] + 1))
     assert resumed["train_loss"] == full["train_loss"] and same(adapter(cfg.out), adapter(tmp_path / "full"))
 
@@ -205,8 +210,9 @@ def test_non_utf8_data_lines_name_file_and_line_and_honour_skip_bad(tmp_path, ba
     p = tmp_path / "d.jsonl"
     p.write_bytes(good + b"\n" + b'{"messages": "caf\xe9"}\n' + good + b"\n")   # latin-1, not UTF-8
     with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8"):
-        S.train(cfg_for(tmp_path, base, data=str(p)))
-    s = S.train(cfg_for(tmp_path, base, data=str(p), skip_bad=True, max_steps=1, out=str(tmp_path / "skip")))
+        sft.train(cfg_for(tmp_path, base, data=str(p)))
+    s = sft.train(cfg_for(tmp_path, base, data=str(p), skip_bad=True, max_steps=1,
+                          out=str(tmp_path / "skip")))
     assert s["dropped"]["bad"] == 1
 
 
@@ -214,14 +220,15 @@ def test_outputs_are_two_folders_with_ordinary_modes_and_strict_json(tmp_path, b
     old = os.umask(0o022)
     try:
         cfg = cfg_for(tmp_path, base, max_steps=2, eval_frac=0.3)
-        S.train(cfg, qa_rows(8))
-        S.finish(cfg, {"train_loss": float("nan"), "eval_loss": float("inf")}, {"bad": 0})
+        sft.train(cfg, qa_rows(8))
+        train.write_summary(cfg, {"train_loss": float("nan"), "eval_loss": float("inf")}, {"bad": 0})
     finally:
         os.umask(old)
     out = Path(cfg.out)
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint", "model", "summary.json",
                                                       "train.jsonl", "train_config.json"]
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json",
+                                                                   "adapter_model.safetensors"]
     for p in out.rglob("*"):
         assert os.stat(p).st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
     text = (out / "summary.json").read_text()
@@ -232,7 +239,7 @@ def test_outputs_are_two_folders_with_ordinary_modes_and_strict_json(tmp_path, b
 def test_a_bf16_training_merges_its_adapter_folder_into_the_full_precision_parent(tmp_path, base):
     # the path CUDA takes: weights trained over a bf16 copy, merged into the fp32 parent read from disk
     cfg = cfg_for(tmp_path, base, max_steps=2, lr=1e-2, precision="bf16")
-    S.train(cfg, qa_rows(8))
+    sft.train(cfg, qa_rows(8))
     merged, _ = M.load(Path(cfg.out) / "model")
     parent, _ = M.load(base)
     x = torch.randint(0, 259, (2, 16))
