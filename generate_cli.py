@@ -90,7 +90,7 @@ def parse_args(argv):
                     help="auto: cuda when available (default auto)")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="weights precision (the KV cache is fp32 on a CPU whatever this is); auto: bf16 on "
-                         "a bf16 GPU or a CPU with native bf16 (AVX-512 BF16 or AMX), else fp32 (default auto)")
+                         "a bf16 GPU or a native-bf16 CPU (AVX-512 BF16 or AMX), else fp32 (default: auto)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine")
