@@ -7,6 +7,8 @@ Rejected rows carry the filter's reason. `ctx.ask(k, prompts)` answers prompts w
 and never from a model's say-so; a model's verdict may only filter.
 """
 import json
+import math
+import random
 import re
 from pathlib import Path
 
@@ -24,6 +26,56 @@ def read_data(name):
     """A JSON object or the rows of a JSONL file in data/ (or at an absolute path)."""
     path = DATA / name
     return read_json(path) if path.suffix == ".json" else read_jsonl(path)
+
+
+# ---------------------------------------------------------------- the makers' interface
+
+class Context:
+    """What a stage's data maker sees (stages.py): the preset, a seeded rng, earlier models and data."""
+
+    def __init__(self, run, k):
+        self.run, self.preset, self.stage = run, run.preset, k
+        self.seed = run.seed * 100 + k
+        self.rng = random.Random(self.seed)
+        self.calls = 0
+        self.topics_file = read_data("topics.json")
+        self.eval_items = run.eval_items
+        self.seed_rows = read_data(run.preset.seed_data)   # a name in data/, or an absolute path
+        self._topics = []
+
+    def ask(self, k, prompts, temperature=0.0, max_new_tokens=None):
+        self.calls += 1  # a different, repeatable sampling seed for every call
+        return self.run.ask(k, prompts, temperature, max_new_tokens, seed=self.seed * 1000 + self.calls)
+
+    def choose(self, k, prompts, options):
+        """Log-probabilities of each option as the stage-k model's first answer token, per prompt."""
+        return self.run.choose(k, prompts, options)
+
+    def prefer(self, k, q_and_pairs, principles=None):
+        """The stage-k judge's preference for the first text of each (question, text, other) over the other, asked
+        "Which response better follows the principle ..., A or B?" (or plainly "better") in both orders;
+        averaging the two log-odds cancels position bias. > 0: prefers it."""
+        def ask(q, a, b, p):
+            return layout("pairwise_principle", principle=p, question=q, a=a, b=b) if p else \
+                layout("pairwise", question=q, a=a, b=b)
+        ps = principles or [None] * len(q_and_pairs)
+        asks = [ask(q, a, b, p) for (q, a, b), p in zip(q_and_pairs, ps)]
+        asks += [ask(q, b, a, p) for (q, a, b), p in zip(q_and_pairs, ps)]
+        lp = self.run.choose(k, asks, ["A", "B"])
+        n = len(q_and_pairs)
+        return [((lp[i][0] - lp[i][1]) + (lp[n + i][1] - lp[n + i][0])) / 2 for i in range(n)]
+
+    def topics(self, n):
+        """n topics, cycling through a shuffled list so each is used about equally."""
+        out = []
+        while len(out) < n:
+            if not self._topics:
+                self._topics = self.rng.sample(self.topics_file["topics"], len(self.topics_file["topics"]))
+            out.append(self._topics.pop())
+        return out
+
+    def stage_rows(self, k):
+        return self.run.rows(k) or (self.seed_rows if k == 1 else [])
 
 
 # ---------------------------------------------------------------- rows and filters
@@ -637,6 +689,28 @@ def preference_replay(ctx, n):
                                             "chosen": r["meta"].get("written_by", {}).get("response", "human"),
                                             "rejected": "stage1-model" if scorers.is_refusal(worse) else "constructed"}}})
     return out
+
+
+# ---------------------------------------------------------------- replay of earlier stages
+
+def replay_rows(run, ctx, k, n_own):
+    """Earlier stages' rows mixed in so no skill is lost: SFT rows for stages 2-5, helpfulness pairs for 6."""
+    n = max(math.ceil(run.preset.replay * n_own), run.preset.min_replay)
+    return preference_replay(ctx, n) if k == 6 else sft_replay(run, ctx, range(1, k), n)
+
+
+def sft_replay(run, ctx, stages, n):
+    pool = [r for j in stages for r in run.rows(j)]
+    picked = ctx.rng.sample(pool, min(n, len(pool)))
+    return [{**r, "meta": {**r["meta"], "replay_of": r["meta"].get("stage", 1)}} for r in picked]
+
+
+def sl_rows(run, ctx, pairs):
+    """Constitutional AI's supervised step: every round's revision as the SFT target of its prompt (critiques are
+    never targets), plus a replay of earlier stages' rows so that harmlessness does not cost the old skills."""
+    own = [{"messages": r["prompt"] + r["chosen"], "meta": {**r["meta"], "kind": f"sl_{r['meta']['kind']}"}}
+           for r in pairs if "replay_of" not in r["meta"]]
+    return own + sft_replay(run, ctx, range(1, 6), max(math.ceil(run.preset.replay * len(own)), run.preset.min_replay))
 
 
 MAKERS = {1: make_stage1, 2: make_stage2, 3: make_stage3, 4: make_stage4, 5: make_stage5, 6: make_stage6}
