@@ -90,7 +90,8 @@ def base_arg(text):
 
 def run_name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
-        raise argparse.ArgumentTypeError(f"--run wants a folder name of letters, digits, '.', '_', '-', got {text!r}")
+        raise argparse.ArgumentTypeError(f"--run wants a folder name of letters, digits, '.', '_', '-', "
+                                         f"got {text!r}")
     return text
 
 
@@ -101,13 +102,16 @@ class Run:
 
     def __init__(self, root, name, preset, base, seed, device, precision, retries, gate, argv):
         self.dir = Path(root) / name
-        self.preset, self.seed, self.precision, self.retries, self.gate = preset, seed, precision, retries, gate
-        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.preset, self.seed, self.precision = preset, seed, precision
+        self.retries, self.gate = retries, gate
+        self.device = device
+        if device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         check_base(base)
         if is_main() and not self.dir.is_dir():
             self.dir.mkdir(parents=True)
-        info = {"base": base if base in ("default", "tiny") else str(Path(base).resolve()), "preset": preset.name,
-                "seed": seed}
+        named = base if base in ("default", "tiny") else str(Path(base).resolve())
+        info = {"base": named, "preset": preset.name, "seed": seed}
         if base == "tiny":
             base = builtin.tiny_model(self.dir / "tiny-base", seed) if is_main() else self.dir / "tiny-base"
             barrier()   # the others load it once it is written
@@ -117,10 +121,12 @@ class Run:
             old = json.loads(meta.read_text())
             if {k: old.get(k) for k in info} != info:
                 raise SystemExit(f"{meta}: this run was started with another base, preset or seed "
-                                 f"({ {k: old.get(k) for k in info} }); use a new --run name or the same settings")
+                                 f"({ {k: old.get(k) for k in info} }); use a new --run name or the same "
+                                 "settings")
             check_base_sha256(meta, old, self.base)
         elif is_main():
-            write_json(meta, {**info, "base_path": str(self.base), "preset_sizes": asdict(preset), "base_sha256": sha256_of(self.base), "command": argv,
+            write_json(meta, {**info, "base_path": str(self.base), "preset_sizes": asdict(preset),
+                              "base_sha256": sha256_of(self.base), "command": argv,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                            "platform": platform.platform()}})
@@ -215,38 +221,40 @@ def check_contamination(run, k):
     for path in (run.stage_dir(k) / "data.jsonl", run.stage_dir(k) / "sl.jsonl"):
         hits = contamination(read_jsonl(path), run.eval_items) if path.exists() else []
         if hits:
-            shown = "; ".join(f"line {h['train_index'] + 1} ~ {h['eval_id']} ({h['ngram']!r})" for h in hits[:12])
-            raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts in {path}: "
-                             f"{shown}{' ...' if len(hits) > 12 else ''}. Remove them from the training data; "
-                             "eval prompts must stay unseen.")
+            shown = "; ".join(f"line {h['train_index'] + 1} ~ {h['eval_id']} ({h['ngram']!r})"
+                              for h in hits[:12])
+            raise SystemExit(f"stage {k}: {len(hits)} training row(s) share text with eval prompts in "
+                             f"{path}: {shown}{' ...' if len(hits) > 12 else ''}. Remove them from the "
+                             "training data; eval prompts must stay unseen.")
 
 
 def train_stage(run, k, rows, attempt):
-    """A fresh LoRA on the previous stage's merged model; SFT for stages 1-5. Stage 6 is Constitutional AI's two
-    steps: SFT on the revisions (stage6/sl), then DPO with a fresh adapter on that model."""
+    """A fresh LoRA on the previous stage's merged model; SFT for stages 1-5. Stage 6 is Constitutional AI's
+    two steps: SFT on the revisions (stage6/sl), then DPO with a fresh adapter on that model."""
     p = run.preset
     common = dict(lora_r=p.lora_r, lora_alpha=p.lora_alpha, batch_size=p.batch_size, max_len=p.max_len,
                   precision=run.precision, seed=run.seed, device=run.device, warmup=p.warmup,
                   save_every=p.save_every, eval_frac=p.eval_frac)
     grow = attempt + 1                    # a retry trains longer from the same parent
-    d = run.stage_dir(k)                  # the trainer writes d/model (merged), d/adapter, checkpoint/, summary.json
+    d = run.stage_dir(k)   # the trainer writes d/model (merged), d/adapter, checkpoint/, summary.json
     if k == 6:
         sl = d / "sl"
         train_fresh(sft.train, sft.SFTConfig(**common, base=str(run.model_dir(5)), out=str(sl),
-                                                          epochs=p.epochs * grow, lr=p.lr, log=str(sl / "train.jsonl")),
+                                             epochs=p.epochs * grow, lr=p.lr, log=str(sl / "train.jsonl")),
                     read_jsonl(d / "sl.jsonl"))
         free()
         cfg = dpo.DPOConfig(**common, base=str(sl / "model"), out=str(d), epochs=p.dpo_epochs * grow,
-                                  lr=p.dpo_lr, beta=p.dpo_beta, log=str(d / "train.jsonl"))
+                            lr=p.dpo_lr, beta=p.dpo_beta, log=str(d / "train.jsonl"))
         return train_fresh(dpo.train, cfg, rows)
     epochs = (p.stage1_epochs if k == 1 else p.epochs) * grow
-    return train_fresh(sft.train, sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(d),
-                                                            epochs=epochs, lr=p.lr, log=str(d / "train.jsonl")), rows)
+    cfg = sft.SFTConfig(**common, base=str(run.model_dir(k - 1)), out=str(d), epochs=epochs, lr=p.lr,
+                        log=str(d / "train.jsonl"))
+    return train_fresh(sft.train, cfg, rows)
 
 
 def train_fresh(run_training, cfg, rows):
-    """Resume or reuse only what this very training wrote; what another one left in the stage folder (an earlier
-    attempt, other settings or data) is deleted and the training starts over."""
+    """Resume or reuse only what this very training wrote; what another one left in the stage folder (an
+    earlier attempt, other settings or data) is deleted and the training starts over."""
     try:
         return run_training(cfg, rows)
     except train.StaleOutput as e:
@@ -254,13 +262,12 @@ def train_fresh(run_training, cfg, rows):
         return run_training(replace(cfg, overwrite=True), rows)
 
 
-def run_stage(run, k):
+def train_attempts(run, k, rows):
+    """Train, and while retries are left, check the dev split: a failing attempt trains again, longer, from
+    the same parent. Returns the last training's summary, the attempts and the seconds of training and of
+    dev evaluation."""
     d = run.stage_dir(k)
-    d.mkdir(parents=True, exist_ok=True)
-    info = make_data(run, k)
-    check_contamination(run, k)
-    rows = read_jsonl(d / "data.jsonl")
-    attempts, t_train, t_eval, tok_eval0 = [], 0.0, 0.0, run.tokens_evaluated
+    attempts, t_train, t_eval = [], 0.0, 0.0
     for attempt in range(run.retries + 1):
         if attempt and is_main():   # train longer from the same parent: fresh training outputs (data stays)
             train.clear_outputs(d)
@@ -278,12 +285,24 @@ def run_stage(run, k):
             break
         ok, dev = dev_passes(run, k, attempt)
         t_eval += time.time() - t1
-        attempts.append({"attempt": attempt + 1, "epochs": summary["config"]["epochs"], "dev_value": dev["value"],
-                         "dev_passed": ok, "train_loss": summary["train_loss"], "eval_loss": summary["eval_loss"]})
+        attempts.append({"attempt": attempt + 1, "epochs": summary["config"]["epochs"],
+                         "dev_value": dev["value"], "dev_passed": ok, "train_loss": summary["train_loss"],
+                         "eval_loss": summary["eval_loss"]})
         print(f"stage {k} attempt {attempt + 1}: dev {dev['metric']} {dev['value']:.3f}, "
               f"{'passes' if ok else 'fails'}", flush=True)
         if ok:
             break
+    return summary, attempts, t_train, t_eval
+
+
+def run_stage(run, k):
+    d = run.stage_dir(k)
+    d.mkdir(parents=True, exist_ok=True)
+    info = make_data(run, k)
+    check_contamination(run, k)
+    rows = read_jsonl(d / "data.jsonl")
+    tok_eval0 = run.tokens_evaluated
+    summary, attempts, t_train, t_eval = train_attempts(run, k, rows)
     t1 = time.time()
     results = measure(run, k, eval_sets(k, run.preset))
     t_eval += time.time() - t1
@@ -291,8 +310,9 @@ def run_stage(run, k):
     print(f"stage {k}: {'passed' if passed else 'failed'}: {message}", flush=True)
     own = results[k]
     base, prev = base_results(run), stage_results(run, k - 1)
-    ev = {"stage": k, "metric": own["metric"], "value": own["value"], "interval": own["interval"], "split": "test",
-          "threshold": run.preset.thresholds.get(k), "passed": passed, "message": message, "n": own["n"],
+    ev = {"stage": k, "metric": own["metric"], "value": own["value"], "interval": own["interval"],
+          "split": "test", "threshold": run.preset.thresholds.get(k), "passed": passed, "message": message,
+          "n": own["n"],
           "per_kind": own["per_kind"], "floor": floor_results(run)[k],
           "vs_base": E.compare(base[k], own), "vs_parent": E.compare(prev[k], own) if k in prev else None,
           "results": {str(s): strip(r) for s, r in results.items()},
@@ -314,9 +334,9 @@ def run_stage(run, k):
 
 def run_pipeline(preset, root="runs", name="default", stages=range(1, 7), base=None, seed=0, device="auto",
                  precision="auto", retries=0, gate=None, argv=None):
-    """Run (or resume) the stages holding runs/NAME's lock (a second run on it is refused); a failed gate raises
-    SystemExit with the metric, value and threshold (gate None: the preset decides). Without gating, the end says
-    which gates failed and by how much."""
+    """Run (or resume) the stages holding runs/NAME's lock (a second run on it is refused); a failed gate
+    raises SystemExit with the metric, value and threshold (gate None: the preset decides). Without gating,
+    the end says which gates failed and by how much."""
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     check_base(base or preset.base)   # before the run folder is touched
@@ -357,13 +377,15 @@ def _run_stages(preset, root="runs", name="default", stages=range(1, 7), base=No
         else:
             ev = run_stage(run, k)
             write_report(run)
-            print(f"stage {k}: kept {ev['data']['kept']} of {ev['data']['made']} made (+{ev['data']['replay']} "
-                  f"replay), {ev['message']}, {ev['minutes']['total']:.1f} min", flush=True)
+            print(f"stage {k}: kept {ev['data']['kept']} of {ev['data']['made']} made "
+                  f"(+{ev['data']['replay']} replay), {ev['message']}, {ev['minutes']['total']:.1f} min",
+                  flush=True)
         if not ev["passed"]:
             failed.append(f"stage {k}: {ev['message']}")
             if gate:
-                raise SystemExit(f"stage {k} failed its gate: {ev['message']}. See {run.dir / f'stage{k}'}/eval.json; "
-                                 "--no-gate goes on anyway; --retries K trains longer (chosen on the dev split).")
+                raise SystemExit(f"stage {k} failed its gate: {ev['message']}. "
+                                 f"See {run.dir / f'stage{k}'}/eval.json; --no-gate goes on anyway; "
+                                 "--retries K trains longer (chosen on the dev split).")
     write_report(run)
     print(f"report: {run.dir / 'report.md'}")
     if failed:
@@ -372,29 +394,33 @@ def _run_stages(preset, root="runs", name="default", stages=range(1, 7), base=No
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--base", type=base_arg, default=None, help="parent model: 'default' (built-in SmolLM2-135M-Instruct) "
-                   "or a Hugging Face directory; the preset's choice when omitted")
-    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="sizes: cpu-demo (about 30 min on "
-                   "2 CPU cores), full (docs/stages.md's sizes, for a GPU), smoke (tiny random model, for tests)")
-    p.add_argument("--run", type=run_name, default=None, help="folder name under --root (default: the preset's name)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=base_arg, default=None, help="parent model: 'default' (built-in "
+                   "SmolLM2-135M-Instruct) or a Hugging Face directory; the preset's choice when omitted")
+    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="sizes: cpu-demo (about 30 "
+                   "min on 2 CPU cores), full (docs/stages.md's sizes, for a GPU), smoke (tiny random model, "
+                   "for tests)")
+    p.add_argument("--run", type=run_name, default=None,
+                   help="folder name under --root (default: the preset's name)")
     p.add_argument("--root", default=str(ROOT / "runs"), help="folder that holds the runs")
-    p.add_argument("--stages", type=parse_stages, default=list(range(1, 7)), help="stages to run, e.g. 3 or 2-4")
+    p.add_argument("--stages", type=parse_stages, default=list(range(1, 7)),
+                   help="stages to run, e.g. 3 or 2-4")
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
-                   help="stop at a failed gate (--gate) or record it and go on (--no-gate); default: the preset's "
-                   "choice (cpu-demo goes on, full and smoke stop)")
+                   help="stop at a failed gate (--gate) or record it and go on (--no-gate); default: the "
+                   "preset's choice (cpu-demo goes on, full and smoke stop)")
     p.add_argument("--retries", type=count_arg, default=0, metavar="K",
                    help="after a failed gate, train up to K (>= 0) more times, longer each time")
-    p.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda when available), cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="training precision (auto: bf16 where fast, else fp32)")
     p.add_argument("--seed", type=int, default=0, help="seeds data making, sampling and training")
     a = p.parse_args(argv)
     if a.precision == "fp16" and (a.device == "cpu" or not torch.cuda.is_available()):
         p.error("argument --precision: fp16 needs CUDA (its gradient scaler); on CPU use bf16 or fp32")
-    run_pipeline(PRESETS[a.preset], a.root, a.run or a.preset, a.stages, a.base, a.seed, a.device, a.precision,
-                 a.retries, a.gate, argv=sys.argv if argv is None else argv)
+    run_pipeline(PRESETS[a.preset], a.root, a.run or a.preset, a.stages, a.base, a.seed, a.device,
+                 a.precision, a.retries, a.gate, argv=sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":
