@@ -1,7 +1,7 @@
 """The no-model floor: responders that see only the prompt (constants, an echo, templates filled with the
 prompt's topic, copies of its material, a judge by surface features). A scorer is honest when none of them
 scores well: the best of them is each set's floor, printed beside the base model and each stage in report.md.
-Run by evaluate.py --floor and by bootstrap.py for the report."""
+Run by evaluate.py --floor and by gates.py (floor_results) for the report."""
 from evaluate import score_responses
 from text import FIELD_RE, sentences, words
 from text import STOP as STOP_WORDS

@@ -7,13 +7,15 @@ Rejected rows carry the filter's reason. `ctx.ask(k, prompts)` answers prompts w
 and never from a model's say-so; a model's verdict may only filter.
 """
 import json
+import math
+import random
 import re
 from pathlib import Path
 
 import scorers
 from files import read_json, read_jsonl
-from text import (FILLER, STOP, Text, contamination, mentions, new_content, rouge_l, sentences, strip_preamble,
-                  unwrap, words)
+from text import (FILLER, STOP, Text, contamination, mentions, new_content, rouge_l, sentences,
+                  strip_preamble, unwrap, words)
 
 DATA = Path(__file__).resolve().parent / "data"
 TEMPLATES = json.loads((DATA / "templates.json").read_text())
@@ -24,6 +26,56 @@ def read_data(name):
     """A JSON object or the rows of a JSONL file in data/ (or at an absolute path)."""
     path = DATA / name
     return read_json(path) if path.suffix == ".json" else read_jsonl(path)
+
+
+# ---------------------------------------------------------------- the makers' interface
+
+class Context:
+    """What a stage's data maker sees (stages.py): the preset, a seeded rng, earlier models and data."""
+
+    def __init__(self, run, k):
+        self.run, self.preset, self.stage = run, run.preset, k
+        self.seed = run.seed * 100 + k
+        self.rng = random.Random(self.seed)
+        self.calls = 0
+        self.topics_file = read_data("topics.json")
+        self.eval_items = run.eval_items
+        self.seed_rows = read_data(run.preset.seed_data)   # a name in data/, or an absolute path
+        self._topics = []
+
+    def ask(self, k, prompts, temperature=0.0, max_new_tokens=None):
+        self.calls += 1  # a different, repeatable sampling seed for every call
+        return self.run.ask(k, prompts, temperature, max_new_tokens, seed=self.seed * 1000 + self.calls)
+
+    def choose(self, k, prompts, options):
+        """Log-probabilities of each option as the stage-k model's first answer token, per prompt."""
+        return self.run.choose(k, prompts, options)
+
+    def prefer(self, k, q_and_pairs, principles=None):
+        """The stage-k judge's preference for the first text of each (question, text, other) over the other,
+        asked "Which response better follows the principle ..., A or B?" (or plainly "better") in both orders;
+        averaging the two log-odds cancels position bias. > 0: prefers it."""
+        def ask(q, a, b, p):
+            return layout("pairwise_principle", principle=p, question=q, a=a, b=b) if p else \
+                layout("pairwise", question=q, a=a, b=b)
+        ps = principles or [None] * len(q_and_pairs)
+        asks = [ask(q, a, b, p) for (q, a, b), p in zip(q_and_pairs, ps)]
+        asks += [ask(q, b, a, p) for (q, a, b), p in zip(q_and_pairs, ps)]
+        lp = self.run.choose(k, asks, ["A", "B"])
+        n = len(q_and_pairs)
+        return [((lp[i][0] - lp[i][1]) + (lp[n + i][1] - lp[n + i][0])) / 2 for i in range(n)]
+
+    def topics(self, n):
+        """n topics, cycling through a shuffled list so each is used about equally."""
+        out = []
+        while len(out) < n:
+            if not self._topics:
+                self._topics = self.rng.sample(self.topics_file["topics"], len(self.topics_file["topics"]))
+            out.append(self._topics.pop())
+        return out
+
+    def stage_rows(self, k):
+        return self.run.rows(k) or (self.seed_rows if k == 1 else [])
 
 
 # ---------------------------------------------------------------- rows and filters
@@ -110,8 +162,8 @@ def is_good_refusal(text):
 
 
 def few_shot(name, prompt):
-    """The prompt after human-written worked examples (data/templates.json): without them small models copy the
-    text they are asked to revise, or open with 'Sure, here is...' (Hugging Face's CAI recipe)."""
+    """The prompt after human-written worked examples (data/templates.json): without them small models copy
+    the text they are asked to revise, or open with 'Sure, here is...' (Hugging Face's CAI recipe)."""
     demos = [{"role": role, "content": text} for user, answer in TEMPLATES[name]
              for role, text in (("user", user), ("assistant", answer))]
     return demos + [{"role": "user", "content": prompt}]
@@ -121,7 +173,8 @@ def few_shot(name, prompt):
 
 OPS = {"+": ("+", "plus", lambda a, b: a + b), "-": ("-", "minus", lambda a, b: a - b),
        "*": ("\u00d7", "times", lambda a, b: a * b), "/": ("\u00f7", "divided by", lambda a, b: a // b)}
-ARITH_RE = re.compile(r"(\d{1,4})\s*(\+|-|\u2212|\*|x|\u00d7|/|\u00f7|plus|minus|times|multiplied by|divided by)"
+ARITH_RE = re.compile(r"(\d{1,4})\s*"
+                      r"(\+|-|\u2212|\*|x|\u00d7|/|\u00f7|plus|minus|times|multiplied by|divided by)"
                       r"\s*(\d{1,4})", re.I)
 
 
@@ -145,8 +198,8 @@ def arithmetic_prompt(a, op, b, rng):
 
 
 def seed_questions(ctx):
-    """(question, gold answer, key words) from the human seed's question-answering rows: the key is what the gold
-    answer's first clause says that the question does not ('Paris' for the capital of France)."""
+    """(question, gold answer, key words) from the human seed's question-answering rows: the key is what the
+    gold answer's first clause says that the question does not ('Paris' for the capital of France)."""
     out = []
     for r in ctx.seed_rows:
         if r["meta"].get("kind") not in ("answer_question", "define_word", "translate_word", "give_example"):
@@ -161,8 +214,8 @@ def seed_questions(ctx):
 
 
 def agrees(answer, key):
-    """The answer states at least half of the gold answer's key words (not denied): 'Van Gogh' for 'Vincent van
-    Gogh painted it in 1889', but not 'Monet, in 1889'."""
+    """The answer states at least half of the gold answer's key words (not denied): 'Van Gogh' for 'Vincent
+    van Gogh painted it in 1889', but not 'Monet, in 1889'."""
     t = Text(answer)
     return 2 * sum(t.states(k) for k in key) >= len(key)
 
@@ -174,7 +227,7 @@ def make_stage1(ctx):
     return list(ctx.seed_rows), []
 
 
-# ---------------------------------------------------------------- stage 2: implicit prompts from the stage-1 model
+# ---------------------------------------------------------------- stage 2: implicit prompts (stage-1 model)
 
 def stage2_questions(ctx, keep, n_open, n_keyed, n_yes_no):
     """The stage-1 model writes questions, then answers each through an explicit wrapper; questions with a
@@ -188,11 +241,13 @@ def stage2_questions(ctx, keep, n_open, n_keyed, n_yes_no):
     keyed = rng.sample(seed_questions(ctx), min(n_keyed, len(seed_questions(ctx))))
     asked = qs + yn + [q for q, _, _ in keyed]
     wrap = [rng.choice(TEMPLATES["answer"]).format(question=q) for q in qs] + \
-        [f"Answer yes or no: {q}" for q in yn] + [rng.choice(TEMPLATES["answer"]).format(question=q) for q, _, _ in keyed]
+        [f"Answer yes or no: {q}" for q in yn] + \
+        [rng.choice(TEMPLATES["answer"]).format(question=q) for q, _, _ in keyed]
     answers = ctx.ask(1, wrap)
+    kinds = ["question"] * len(qs) + ["yes_no"] * len(yn) + ["keyed_question"] * len(keyed)
     for i, (q, a) in enumerate(zip(asked, answers)):
         a = a.strip()
-        kind = "question" if i < len(qs) else "yes_no" if i < len(qs) + len(yn) else "keyed_question"
+        kind = kinds[i]
         row = sft_row(q, a, 2, kind, "human" if kind == "keyed_question" else W, W, via=wrap[i].split(":")[0])
         if not q.endswith("?") or len(words(q)) < 3:
             keep.reject(row, "prompt is not a question")
@@ -212,7 +267,8 @@ def stage2_completions(ctx, keep, n):
     """The model's own one-sentence fact, cut in half: the second half is known by construction."""
     rng, W = ctx.rng, "stage1-model"
     ts = ctx.topics(n)
-    facts = ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_fact"]).format(topic=t) for t in ts], temperature=0.7)
+    facts = ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_fact"]).format(topic=t) for t in ts],
+                    temperature=0.7)
     for t, f in zip(ts, facts):
         s = first_sentence(f)
         w = s.split()
@@ -233,7 +289,8 @@ def stage2_greetings(ctx, keep, n):
     gs = human + made
     replies = ctx.ask(1, [f"Respond to this greeting: {g}" for g in gs])
     for i, (g, a) in enumerate(zip(gs, replies)):
-        row = sft_row(g, a.strip(), 2, "greeting", "human" if i < len(human) else W, W, via="Respond to this greeting")
+        row = sft_row(g, a.strip(), 2, "greeting", "human" if i < len(human) else W, W,
+                      via="Respond to this greeting")
         if not g or len(words(g)) > 14:
             keep.reject(row, "greeting empty or longer than 14 words")
         elif not (ok := passes({"type": "greeting"}, g, a))[0]:
@@ -243,10 +300,11 @@ def stage2_greetings(ctx, keep, n):
 
 
 def stage2_arithmetic(ctx, keep, n):
-    """The model writes a problem; a parser (never eval) reads its numbers and computes the answer; the prompt is
-    put in one of several implicit forms by code."""
+    """The model writes a problem; a parser (never eval) reads its numbers and computes the answer; the prompt
+    is put in one of several implicit forms by code."""
     rng = ctx.rng
-    probs = ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"]) for _ in range(n)], temperature=1.0)
+    probs = ctx.ask(1, [rng.choice(TEMPLATES["stage2"]["write_arithmetic"]) for _ in range(n)],
+                    temperature=1.0)
     for p in probs:
         parsed = parse_arithmetic(p)
         if parsed is None:
@@ -255,11 +313,13 @@ def stage2_arithmetic(ctx, keep, n):
             continue
         a, op, b, r = parsed
         keep.add(sft_row(arithmetic_prompt(a, op, b, rng), f"{a} {OPS[op][0]} {b} = {r}.", 2, "arithmetic",
-                         "constructed", "parser", by={"problem": "stage1-model"}, problem_text=p.strip()[:200]))
+                         "constructed", "parser", by={"problem": "stage1-model"},
+                         problem_text=p.strip()[:200]))
 
 
 def make_stage2(ctx):
-    """The stage-1 model, told explicitly, writes implicit prompts and answers them through explicit wrappers."""
+    """The stage-1 model, told explicitly, writes implicit prompts and answers them through explicit
+    wrappers."""
     m = round(ctx.preset.n_make * ctx.preset.oversample)
     share = lambda x: max(2, round(x * m))                       # noqa: E731
     keep = Keeper()
@@ -270,11 +330,11 @@ def make_stage2(ctx):
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 3: generation tasks from the stage-2 model
+# ---------------------------------------------------------------- stage 3: generation tasks (stage-2 model)
 
 def written_problem(check_type, instruction, text):
-    """Why a generated text fails its kind (None when it passes): the eval's scorer for the eval's kinds, and for
-    the wider kinds a text that is on topic, adds content and is not a refusal or a lecture."""
+    """Why a generated text fails its kind (None when it passes): the eval's scorer for the eval's kinds, and
+    for the wider kinds a text that is on topic, adds content and is not a refusal or a lecture."""
     if check_type in scorers.SCORERS:
         ok, why = passes({"type": check_type}, instruction, text)
         return None if ok else why
@@ -296,7 +356,8 @@ def make_stage3(ctx):
     for k, t in tasks:
         other = rng.sample(ctx.topics_file["topics"], 2)
         demos = [f.format(topic=o) for f, o in zip(rng.sample(k["instruction_forms"], 2), other)]
-        asks.append(f"Here are two instructions:\n1. {demos[0]}\n2. {demos[1]}\nWrite one more instruction of the "
+        asks.append(f"Here are two instructions:\n1. {demos[0]}\n2. {demos[1]}\n"
+                    "Write one more instruction of the "
                     f"same kind, about {t}. Reply with the instruction only.")
     made = [first_line(x) for x in ctx.ask(2, asks, temperature=0.8)]
     instr, kept_instr = [], []
@@ -334,7 +395,7 @@ def make_stage3(ctx):
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 4: judging real answers, labelled by truth
+# ---------------------------------------------------------------- stage 4: judging answers, labelled by truth
 
 def answer_pool(ctx, k):
     """(kind, question, response, truth) from the stage-k model's own answers: seed questions checked against
@@ -366,7 +427,8 @@ def answer_pool(ctx, k):
 
 
 def user_requests(ctx, k, n):
-    """Harmful requests (red-team topics) and benign ones written by the stage-k model from worked examples."""
+    """Harmful requests (red-team topics) and benign ones written by the stage-k model from worked
+    examples."""
     rng, red = ctx.rng, ctx.topics_file["redteam_topics"]
     asks = [rng.choice(TEMPLATES["stage6"]["redteam"]).format(topic=rng.choice(red)) for _ in range(n)]
     asks += [rng.choice(TEMPLATES["stage6"]["benign"]).format(topic=t) for t in ctx.topics(n)]
@@ -389,15 +451,15 @@ def judgements(kind, q, a, good, why, rng):
     if kind in ("fact", "arithmetic"):
         rows.append(("answer_correct", layout("answer_correct", question=q, response=a),
                      "Yes. The answer is correct." if good else f"No. {why or 'The answer is wrong.'}"))
-    helpful = "Yes. It answers the question." if good else \
-        ("No. It refuses a harmless request." if kind == "benign" else "No. " + ("It helps with something harmful."
-                                                                                 if kind == "harmful" else "It is wrong."))
+    unhelpful = {"benign": "No. It refuses a harmless request.",
+                 "harmful": "No. It helps with something harmful."}
+    helpful = "Yes. It answers the question." if good else unhelpful.get(kind, "No. It is wrong.")
     if kind == "harmful":
         helpful = None       # 'helpful' to a harmful request is the wrong question: ask about the principle
     if helpful:
         rows.append(("response_helpful", layout("response_helpful", question=q, response=a), helpful))
-    rows.append(("principle_violation", layout("principle_violation", principle=PRINCIPLE_TEXT[kind], question=q,
-                                               response=a),
+    rows.append(("principle_violation", layout("principle_violation", principle=PRINCIPLE_TEXT[kind],
+                                               question=q, response=a),
                  "No. The response follows the principle." if good else "Yes. " + {
                      "harmful": "It helps with something that could hurt people.",
                      "benign": "It refuses a harmless request.", "fact": "It states something false.",
@@ -416,10 +478,10 @@ def make_stage4(ctx):
     rows = []
     for kind, q, a, good, why in pool:
         for jkind, prompt, label in judgements(kind, q, a, good, why, rng):
-            rows.append((jkind, good, sft_row(prompt, label, 4, jkind, "stage3-model" if kind != "fact" else "human",
-                                              "constructed", by={"judged": "stage3-model"}, truth=kind,
-                                              label_from="parser" if kind == "arithmetic" else
-                                              "human key" if kind == "fact" else "refusal check")))
+            asked_by = "stage3-model" if kind != "fact" else "human"
+            label_from = {"arithmetic": "parser", "fact": "human key"}.get(kind, "refusal check")
+            rows.append((jkind, good, sft_row(prompt, label, 4, jkind, asked_by, "constructed", truth=kind,
+                                              by={"judged": "stage3-model"}, label_from=label_from)))
     by_q = {}
     for kind, q, a, good, _ in pool:
         by_q.setdefault((kind, q), {})[good] = a
@@ -429,8 +491,9 @@ def make_stage4(ctx):
             for first, label in ((ans[True], "A"), (ans[False], "B")):
                 second = ans[False] if first is ans[True] else ans[True]
                 prompt = layout("pairwise_principle", principle=principle, question=q, a=first, b=second)
-                rows.append(("pairwise", None, sft_row(prompt, label, 4, "pairwise", "stage3-model", "constructed",
-                                                       by={"judged": "stage3-model"}, truth=kind)))
+                row = sft_row(prompt, label, 4, "pairwise", "stage3-model", "constructed",
+                              by={"judged": "stage3-model"}, truth=kind)
+                rows.append(("pairwise", None, row))
     unique = {}
     for r in rows:                                       # one row per (prompt, label) before balancing
         unique.setdefault(tuple(m["content"] for m in r[2]["messages"]), r)
@@ -448,7 +511,7 @@ def make_stage4(ctx):
     return keep.decontaminate(ctx.eval_items)
 
 
-# ---------------------------------------------------------------- stage 5: revisions the stage-4 critic drives
+# ---------------------------------------------------------------- stage 5: revisions by the stage-4 critique
 
 def misspell(text, rng):
     """One to three typos: a swapped, dropped or doubled letter in words of 4+ letters."""
@@ -482,14 +545,10 @@ def critic_agrees(ctx, cases):
     return [(y > n) == (not good) for (y, n), (_, _, _, good) in zip(lp, cases)]
 
 
-def make_stage5(ctx):
-    """Revision tasks whose targets are known: fix a wrong answer (the human key) or typos (the clean original),
-    rewrite a wordy text (the plain one), improve a cut-off answer, and revise by the stage-4 model's critique:
-    a harmful compliance becomes a refusal with an alternative, a refusal of a harmless request becomes the
-    helpful answer, a correct answer stays as it is. Rows are kept where the stage-4 judge's verdict agrees
-    with the truth; its critique is the feedback shown."""
-    rng, keep = ctx.rng, Keeper()
-    pool = answer_pool(ctx, 3)
+def stage5_rewrites(ctx, keep):
+    """Typos put into a clean text (fix_errors) or filler (rewrite_clearly), by code: the clean text is the
+    target."""
+    rng = ctx.rng
     clean = [(r["messages"][1]["content"], r["meta"]["source"]) for s in (2, 3) for r in ctx.stage_rows(s)
              if r["meta"]["kind"] in ("completion", "statement", "fun_fact", "question", "keyed_question")]
     clean += [(r["messages"][1]["content"], "human") for r in ctx.seed_rows
@@ -500,11 +559,17 @@ def make_stage5(ctx):
         kind = rng.choice(["fix_errors", "rewrite_clearly"])
         bad = misspell(text, rng) if kind == "fix_errors" else wordy(text, rng)
         if bad != text:
-            keep.add(sft_row(layout(kind, text=bad), text, 5, kind, "constructed", by, defect="typos" if
-                             kind == "fix_errors" else "filler"))
+            keep.add(sft_row(layout(kind, text=bad), text, 5, kind, "constructed", by,
+                             defect="typos" if kind == "fix_errors" else "filler"))
+
+
+def stage5_cases(pool):
+    """The stage-3 answers to revise, (kind, question, answer, good), and their (what, target, by): a wrong
+    fact or sum gets its human or parser fix, a right one stays; a harmful compliance becomes the refusal and
+    a refusal of a harmless request the helpful answer that the same question also got."""
     cases, targets = [], []
     for kind, q, a, good, gold in pool:
-        if kind in ("fact", "arithmetic") and not good and gold:      # a wrong answer and its human or parser fix
+        if kind in ("fact", "arithmetic") and not good and gold:   # a wrong answer, its human or parser fix
             cases.append((kind, q, a, good))
             targets.append(("fix_errors", gold, "human" if kind == "fact" else "parser"))
         elif kind in ("fact", "arithmetic") and good:
@@ -519,27 +584,46 @@ def make_stage5(ctx):
         elif kind == "benign" and not good and q in helps:
             cases.append((kind, q, a, good))
             targets.append(("refusal", helps[q], "stage3-model"))
-    critiques = ctx.ask(4, [few_shot("critique_demos", layout("critique", critique=(HARM if kind == "harmful" else
-                                                                                   HELP)[0]["critique"],
-                                                               question=q, response=a)) for kind, q, a, _ in cases])
+    return cases, targets
+
+
+def stage5_critiqued(ctx, keep, cases, targets):
+    """Each case revised by the stage-4 model's critique: its first sentence, then the instruction it implies,
+    is the feedback shown. A row is kept where the stage-4 judge's verdict agrees with the truth."""
+    rng = ctx.rng
+    critiques = ctx.ask(4, [few_shot("critique_demos", layout(
+        "critique", critique=(HARM if kind == "harmful" else HELP)[0]["critique"], question=q, response=a))
+        for kind, q, a, _ in cases])
     for (kind, q, a, good), (what, target, by), crit, agree in zip(cases, targets, critiques,
                                                                    critic_agrees(ctx, cases)):
-        feedback = rng.choice(TEMPLATES["feedback"]["keep" if what == "keep" else
-                                                    "wrong" if what == "fix_errors" else what])
+        feedback = rng.choice(TEMPLATES["feedback"][{"fix_errors": "wrong"}.get(what, what)])
         crit = first_sentence(crit)
-        if crit and not scorers.is_echo(a, crit):       # the critic's own sentence, then the instruction it implies
+        if crit and not scorers.is_echo(a, crit):   # the critic's sentence, then the instruction it implies
             feedback = f"{crit} {feedback}"
         if what == "fix_errors" and rng.random() < 0.5:
             prompt = layout("fix_errors", text=a)
         else:
             prompt = layout("revise_feedback", question=q, response=a, feedback=feedback)
         row = sft_row(prompt, target, 5, "revise_feedback" if "Feedback:" in prompt else "fix_errors",
-                      "stage3-model", by, by={"critique": "stage4-model", "verdict": "stage4-model"}, target=what)
+                      "stage3-model", by, by={"critique": "stage4-model", "verdict": "stage4-model"},
+                      target=what)
         if not agree:
             keep.reject(row, "the stage-4 judge's verdict disagrees with the known truth")
         else:
             keep.add(row)
-    for kind, q, a, good, _ in pool:                    # improve: a cut-off answer grows back to the whole one
+
+
+def make_stage5(ctx):
+    """Revision tasks whose targets are known: fix a wrong answer (the human key) or typos (the clean
+    original), rewrite a wordy text (the plain one), improve a cut-off answer, and revise by the stage-4
+    model's critique: a harmful compliance becomes a refusal with an alternative, a refusal of a harmless
+    request becomes the helpful answer, a correct answer stays as it is. Rows are kept where the stage-4
+    judge's verdict agrees with the truth; its critique is the feedback shown."""
+    rng, keep = ctx.rng, Keeper()
+    pool = answer_pool(ctx, 3)
+    stage5_rewrites(ctx, keep)
+    stage5_critiqued(ctx, keep, *stage5_cases(pool))
+    for kind, q, a, good, _ in pool:   # improve: a cut-off answer grows back to the whole one
         if good and kind in ("fact", "benign") and len(a.split()) >= 8:
             keep.add(sft_row(layout("improve_response", question=q, response=truncate(a, rng)), a, 5,
                              "improve_response", "stage3-model", "stage3-model", cut="truncated by code"))
@@ -555,11 +639,13 @@ def principles_for(kind, rng):
 
 
 def revise_round(ctx, prompts, kinds, current, rnd):
-    """One critique-revision round: a fresh principle per prompt, the stage-4 critique, `revisions` samples from
-    the stage-5 reviser, and the one the stage-4 judge prefers with that principle (both A/B orders averaged)."""
+    """One critique-revision round: a fresh principle per prompt, the stage-4 critique, `revisions` samples
+    from the stage-5 reviser, and the one the stage-4 judge prefers with that principle (both A/B orders
+    averaged)."""
     rng = ctx.rng
     ps = [principles_for(k, rng) for k in kinds]
-    crit = ctx.ask(4, [few_shot("critique_demos", layout("critique", critique=p["critique"], question=q, response=r))
+    crit = ctx.ask(4, [few_shot("critique_demos",
+                                layout("critique", critique=p["critique"], question=q, response=r))
                        for p, q, r in zip(ps, prompts, current)])
     asks = [few_shot("revision_demos", layout("revise_feedback", question=q, response=r,
                                               feedback=f"{first_sentence(c)} {p['revision']}".strip()))
@@ -567,7 +653,8 @@ def revise_round(ctx, prompts, kinds, current, rnd):
     samples = [[strip_preamble(s) for s in ctx.ask(5, asks, temperature=0.8 if j else 0.0)]
                for j in range(ctx.preset.revisions)]
     best = [s[0] for s in zip(*samples)]
-    for j in range(1, len(samples)):      # a knockout: each new sample against the best so far, with the principle
+    # a knockout: each new sample against the best so far, with the principle
+    for j in range(1, len(samples)):
         scores = ctx.prefer(4, [(q, samples[j][i], best[i]) for i, q in enumerate(prompts)],
                             principles=[p["name"] for p in ps])
         best = [samples[j][i] if sc > 0 else b for i, (sc, b) in enumerate(zip(scores, best))]
@@ -575,11 +662,12 @@ def revise_round(ctx, prompts, kinds, current, rnd):
 
 
 def make_stage6(ctx):
-    """Stage 3 writes user prompts (red-team topics included), stage 2 answers, stage 4 critiques against a principle
-    that applies, stage 5 revises (several samples, the stage-4 judge picks with the principle), rounds repeat with
-    a fresh principle. Every round's revision is kept: DPO pairs (revision preferred over the original) where the
-    judge prefers the revision and, for harmful prompts, the revision refuses; the SL-CAI rows are the same
-    revisions as SFT targets (bootstrap trains on them first). Helpfulness pairs are added by the replay."""
+    """Stage 3 writes user prompts (red-team topics included), stage 2 answers, stage 4 critiques against a
+    principle that applies, stage 5 revises (several samples, the stage-4 judge picks with the principle),
+    rounds repeat with a fresh principle. Every round's revision is kept: DPO pairs (revision preferred over
+    the original) where the judge prefers the revision and, for harmful prompts, the revision refuses; the
+    SL-CAI rows are the same revisions as SFT targets (bootstrap trains on them first). Helpfulness pairs are
+    added by the replay."""
     keep = Keeper()
     n = round(ctx.preset.n_make * ctx.preset.oversample / 2)
     harmful, benign = user_requests(ctx, 3, n)
@@ -590,7 +678,8 @@ def make_stage6(ctx):
         ps, crit, revs = revise_round(ctx, prompts, kinds, current, rnd)
         scores = ctx.prefer(4, list(zip(prompts, revs, originals)), principles=[p["name"] for p in ps])
         for i, (q, o, r) in enumerate(zip(prompts, originals, revs)):
-            row = {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
+            row = {"prompt": [{"role": "user", "content": q}],
+                   "chosen": [{"role": "assistant", "content": r}],
                    "rejected": [{"role": "assistant", "content": o}],
                    "meta": {"stage": 6, "kind": kinds[i], "round": rnd + 1, "principle": ps[i]["name"],
                             "critique": first_sentence(crit[i]), "source": "stage5-model",
@@ -623,20 +712,48 @@ def preference_replay(ctx, n):
     rows = [r for k in (1, 2) for r in ctx.stage_rows(k) if len(r["messages"][1]["content"].split()) >= 6
             and not scorers.is_refusal(r["messages"][1]["content"])]
     edgy = [r for r in rows if r["meta"].get("kind") == "edgy_benign"]
-    picked = edgy + rng.sample([r for r in rows if r not in edgy], max(0, min(n - len(edgy), len(rows) - len(edgy))))
+    picked = edgy + rng.sample([r for r in rows if r not in edgy],
+                               max(0, min(n - len(edgy), len(rows) - len(edgy))))
     refusals = ctx.ask(1, [decline_prompt(r["messages"][0]["content"], rng) for r in picked])
     out = []
     for r, no in zip(picked, refusals):
         helpful, edgy_row = r["messages"][1], r["meta"].get("kind") == "edgy_benign"
         worse = no.strip() if (edgy_row or rng.random() < 0.5) and is_good_refusal(no) else \
             truncate(helpful["content"], rng)
-        out.append({"prompt": r["messages"][:1], "chosen": [helpful], "rejected": [{"role": "assistant", "content": worse}],
+        refuses = scorers.is_refusal(worse)
+        by = r["meta"].get("written_by", {})
+        out.append({"prompt": r["messages"][:1], "chosen": [helpful],
+                    "rejected": [{"role": "assistant", "content": worse}],
                     "meta": {"stage": 6, "kind": "helpful_replay", "source": r["meta"]["source"],
-                             "replay_of": r["meta"]["stage"], "rejected_is": "refusal" if scorers.is_refusal(worse) else "cut",
-                             "written_by": {"prompt": r["meta"].get("written_by", {}).get("prompt", "human"),
-                                            "chosen": r["meta"].get("written_by", {}).get("response", "human"),
-                                            "rejected": "stage1-model" if scorers.is_refusal(worse) else "constructed"}}})
+                             "replay_of": r["meta"]["stage"], "rejected_is": "refusal" if refuses else "cut",
+                             "written_by": {"prompt": by.get("prompt", "human"),
+                                            "chosen": by.get("response", "human"),
+                                            "rejected": "stage1-model" if refuses else "constructed"}}})
     return out
+
+
+# ---------------------------------------------------------------- replay of earlier stages
+
+def replay_rows(run, ctx, k, n_own):
+    """Earlier stages' rows mixed in so no skill is lost: SFT rows for stages 2-5, helpfulness pairs for 6."""
+    n = max(math.ceil(run.preset.replay * n_own), run.preset.min_replay)
+    return preference_replay(ctx, n) if k == 6 else sft_replay(run, ctx, range(1, k), n)
+
+
+def sft_replay(run, ctx, stages, n):
+    pool = [r for j in stages for r in run.rows(j)]
+    picked = ctx.rng.sample(pool, min(n, len(pool)))
+    return [{**r, "meta": {**r["meta"], "replay_of": r["meta"].get("stage", 1)}} for r in picked]
+
+
+def sl_rows(run, ctx, pairs):
+    """Constitutional AI's supervised step: every round's revision as the SFT target of its prompt (critiques
+    are never targets), plus a replay of earlier stages' rows so that harmlessness does not cost the old
+    skills."""
+    own = [{"messages": r["prompt"] + r["chosen"], "meta": {**r["meta"], "kind": f"sl_{r['meta']['kind']}"}}
+           for r in pairs if "replay_of" not in r["meta"]]
+    n = max(math.ceil(run.preset.replay * len(own)), run.preset.min_replay)
+    return own + sft_replay(run, ctx, range(1, 6), n)
 
 
 MAKERS = {1: make_stage1, 2: make_stage2, 3: make_stage3, 4: make_stage4, 5: make_stage5, 6: make_stage6}

@@ -25,6 +25,7 @@ import builtin
 import files
 import bootstrap as B
 import model as M
+import run_folder
 from conftest import ROOT
 
 
@@ -75,12 +76,12 @@ def test_a_second_run_on_a_locked_folder_is_refused_with_the_first_ones_pid(smok
     cmd = [sys.executable, str(ROOT / "bootstrap.py"), "--preset", "smoke", "--root", str(tmp_path), "--run",
            "s",
            "--no-gate"]
-    fd = B.lock_run(folder)   # this test process is the first run
+    fd = run_folder.lock_run(folder)   # this test process is the first run
     try:
         assert (folder / "run.lock").read_text().strip() == str(os.getpid())
         second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     finally:
-        B.unlock_run(fd)
+        run_folder.unlock_run(fd)
     assert second.returncode != 0, second.stderr
     assert f"in use by another run (pid {os.getpid()}" in second.stderr, second.stderr
     assert digest(folder) == {**before, "run.lock": digest(folder)["run.lock"]}

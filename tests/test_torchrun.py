@@ -12,20 +12,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bootstrap as B  # noqa: E402
+import ranks  # noqa: E402
 
 
 def test_shares_gathered_come_back_in_the_order_of_the_whole_list():
-    assert B.my_share(list("abcde"), 0, 2) == ["a", "c", "e"]
-    assert B.my_share(list("abcde"), 1, 2) == ["b", "d"]
-    assert B.in_order([["a", "c", "e"], ["b", "d"]]) == list("abcde")
+    assert ranks.my_share(list("abcde"), 0, 2) == ["a", "c", "e"]
+    assert ranks.my_share(list("abcde"), 1, 2) == ["b", "d"]
+    assert ranks.in_order([["a", "c", "e"], ["b", "d"]]) == list("abcde")
     for n in range(9):                       # uneven lengths, empty shares (n < world) included
         items = [f"p{i}" for i in range(n)]
         for world in (1, 2, 3, 4):
-            parts = [B.my_share(items, rank, world) for rank in range(world)]
+            parts = [ranks.my_share(items, rank, world) for rank in range(world)]
             assert sorted(x for p in parts for x in p) == sorted(items)   # each item in exactly one share
-            assert B.in_order(parts) == items
-    assert B.my_share(list("abc")) == list("abc") and B.gather_in_order(["x"]) == ["x"]   # one process: all
+            assert ranks.in_order(parts) == items
+    # one process: all of it
+    assert ranks.my_share(list("abc")) == list("abc") and ranks.gather_in_order(["x"]) == ["x"]
 
 
 def torchrun(tmp_path, name, *args):
